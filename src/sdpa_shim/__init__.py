@@ -1,0 +1,48 @@
+"""sdpa_shim: load and run models that ask for FlashAttention when flash-attn cannot run here.
+
+``import sdpa_shim`` activates the shim (unless ``SDPA_SHIM=0``): from then on a flash-attention
+request that cannot be honoured is downgraded to "sdpa" (or "eager" where the model or SDPA cannot
+serve), with one WARNING saying what was asked, what was chosen and why. Requests that would work
+are never touched. Importing this module imports neither torch nor transformers, nor (until
+transformers is imported) wrapt.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._patch import activate, deactivate, is_active
+
+if TYPE_CHECKING:
+    from ._policy import Decision
+
+__version__ = "0.1.0"
+__all__ = ["Decision", "__version__", "activate", "deactivate", "decisions", "is_active"]
+
+
+def decisions() -> list[Decision]:
+    """Every downgrade made so far in this process, oldest first (see ``Decision``)."""
+    from ._decisions import decisions as recorded
+
+    return recorded()
+
+
+def __getattr__(name: str) -> object:
+    if name == "Decision":  # imported on first use: keeps ``import sdpa_shim`` in the milliseconds
+        from ._policy import Decision
+
+        return Decision
+    raise AttributeError(f"module 'sdpa_shim' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython: object) -> None:
+    """``%load_ext sdpa_shim``: activate for this kernel."""
+    activate()
+
+
+def unload_ipython_extension(ipython: object) -> None:
+    """``%unload_ext sdpa_shim``: put transformers back as it was."""
+    deactivate()
+
+
+activate()

@@ -1,0 +1,60 @@
+"""What the shim changes in each hooked ``PreTrainedModel`` method, per band of transformers releases.
+
+A hook here is a *rewrite*: given the object the method is called on and its arguments, it returns
+new arguments, or None to leave the call alone. ``_patch`` turns rewrites into wrappers and owns the
+fault isolation, so a rewrite may simply raise on a bug.
+
+Bands C-E (4.54 and newer) validate the request in two instance methods; wrapping them on the class
+that defines them routes every entry point through the shim: ``from_pretrained`` (direct, Auto,
+pipeline, config.json), ``from_config``/``_from_config``, ``Model(config)``, ``set_attn_implementation``
+(string or dict) and the sub-models of composite models, each with its own class's facts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ._resolve import downgrade_for
+
+Args = tuple[tuple[Any, ...], dict[str, Any]]
+Rewrite = Callable[[Any, tuple[Any, ...], dict[str, Any]], "Args | None"]
+
+
+def replace_argument(
+    args: tuple[Any, ...], kwargs: dict[str, Any], position: int, name: str, value: Any
+) -> Args:
+    """New (args, kwargs) with one argument replaced; the caller's tuple and dict are never mutated."""
+    if len(args) > position:
+        return (*args[:position], value, *args[position + 1 :]), kwargs
+    return args, {**kwargs, name: value}
+
+
+def _first_argument_request(parameter: str) -> Rewrite:
+    """Rewrite for an instance method whose first argument, ``parameter``, is the request."""
+
+    def rewrite(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Args | None:
+        if model is None:
+            return None
+        requested = args[0] if args else kwargs.get(parameter)
+        chosen = downgrade_for(model, requested)
+        return None if chosen is None else replace_argument(args, kwargs, 0, parameter, chosen)
+
+    return rewrite
+
+
+#: Bands C-E: method name on PreTrainedModel -> rewrite. ``get_correct_attn_implementation`` (4.56+) is
+#: called directly for sub-models by ``set_attn_implementation``; inside ``_check_and_adjust...`` it
+#: then sees the already-downgraded value and does nothing.
+MODERN_HOOKS: dict[str, Rewrite] = {
+    "_check_and_adjust_attn_implementation": _first_argument_request("attn_implementation"),
+    "get_correct_attn_implementation": _first_argument_request("requested_attention"),
+}
+
+
+def hooks_for(model_class: type) -> dict[str, Rewrite]:
+    """The rewrites that apply to this release's ``PreTrainedModel`` (empty: unsupported release)."""
+    defined = vars(model_class)
+    if "_check_and_adjust_attn_implementation" in defined:
+        return {name: rewrite for name, rewrite in MODERN_HOOKS.items() if name in defined}
+    return {}

@@ -1,0 +1,159 @@
+"""Activation state and the wrapt mechanics: install, uninstall, and the post-import hook.
+
+The hook targets ``transformers.modeling_utils`` (not the lazy top-level ``transformers``), so
+importing the shim before or after transformers gives the same result. Wrappers go on the raw
+attributes of the class that defines them, so every subclass goes through them; uninstalling puts
+the very same original objects back.
+
+Importing wrapt costs tens of milliseconds, so while transformers is not imported yet the shim only
+leaves a tiny watcher on ``sys.meta_path``; the first ``import transformers`` registers the real
+wrapt post-import hook (see ``_watch``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from ._settings import disabled_by_env
+from ._watch import when_package_imported
+
+if TYPE_CHECKING:
+    from ._hooks import Rewrite
+
+logger = logging.getLogger(__name__)
+
+MODELING_UTILS = "transformers.modeling_utils"
+
+_lock = threading.RLock()
+_active = False
+_hook_registered = False
+#: (class, attribute name) -> the original object found in ``vars(class)``.
+_originals: dict[tuple[type, str], Any] = {}
+_wrapper_type: type | None = None
+
+
+def activate() -> bool:
+    """Turn the shim on (idempotent, thread-safe). Returns False when ``SDPA_SHIM`` says off."""
+    global _active
+    if disabled_by_env():
+        logger.info("SDPA_SHIM is off: sdpa_shim stays inactive")
+        return False
+    with _lock:
+        _active = True
+        if _hook_registered:
+            if MODELING_UTILS in sys.modules:
+                _install(sys.modules[MODELING_UTILS])
+        elif "transformers" in sys.modules:
+            _register_post_import_hook()
+        else:
+            when_package_imported("transformers", _register_post_import_hook)
+    return True
+
+
+def deactivate() -> None:
+    """Turn the shim off and put transformers' original functions back (identity-equal)."""
+    global _active
+    with _lock:
+        _active = False
+        for (owner, name), original in list(_originals.items()):
+            if _wrapper_type is not None and isinstance(vars(owner).get(name), _wrapper_type):
+                setattr(owner, name, original)
+            del _originals[(owner, name)]
+
+
+def is_active() -> bool:
+    """True while the shim is on (transformers is patched as soon as it is imported)."""
+    return _active
+
+
+def patched_methods() -> list[str]:
+    """ "Class.method" for every method currently wrapped (for ``doctor`` and tests)."""
+    with _lock:
+        return [f"{owner.__name__}.{name}" for owner, name in _originals]
+
+
+def _register_post_import_hook() -> None:
+    """Register the wrapt hook once; it runs at once if ``transformers.modeling_utils`` is imported."""
+    global _hook_registered
+    try:
+        import wrapt
+
+        with _lock:
+            if _hook_registered:
+                return
+            _hook_registered = True
+            wrapt.register_post_import_hook(_on_modeling_utils_import, MODELING_UTILS)
+    except Exception:
+        logger.error(
+            "sdpa_shim could not register its import hook; transformers is left unchanged", exc_info=True
+        )
+
+
+def _on_modeling_utils_import(module: ModuleType) -> None:
+    """Post-import hook: must never raise, or the user's ``import transformers`` would fail."""
+    try:
+        with _lock:
+            if _active:  # wrapt cannot unregister a hook; a deactivated shim leaves it inert
+                _install(module)
+    except Exception:
+        logger.error(
+            "sdpa_shim could not patch %s; transformers is left unchanged", MODELING_UTILS, exc_info=True
+        )
+
+
+def _shim_wrapper_type() -> type:
+    """``wrapt.FunctionWrapper`` subclass marking the shim's wrappers (double wrapping = isinstance)."""
+    global _wrapper_type
+    if _wrapper_type is None:
+        import wrapt
+
+        _wrapper_type = type("ShimWrapper", (wrapt.FunctionWrapper,), {"__module__": __name__})
+    return _wrapper_type
+
+
+def _install(module: ModuleType) -> None:
+    from ._hooks import hooks_for
+
+    owner = module.PreTrainedModel
+    hooks = hooks_for(owner)
+    if not hooks:
+        version = getattr(sys.modules.get("transformers"), "__version__", "unknown")
+        logger.warning(
+            "sdpa_shim does not support transformers %s (no known attention hook); leaving it unchanged",
+            version,
+        )
+        return
+    wrapper_type = _shim_wrapper_type()
+    for name, rewrite in hooks.items():
+        raw = vars(owner)[name]
+        if isinstance(raw, wrapper_type):
+            continue
+        _originals[(owner, name)] = raw
+        setattr(owner, name, wrapper_type(raw, _guarded(rewrite, name)))
+    logger.debug("sdpa_shim patched %s", ", ".join(f"{owner.__name__}.{name}" for name in hooks))
+
+
+def _guarded(rewrite: Rewrite, name: str) -> Any:
+    """Turn a rewrite into a wrapt wrapper that is inert while inactive and never lets a fault out.
+
+    Errors raised by the wrapped transformers method itself are the user's and pass untouched.
+    """
+
+    def wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if _active:
+            try:
+                rewritten = rewrite(instance, args, kwargs)
+            except Exception:
+                logger.error(
+                    "sdpa_shim failed in its %s hook; passing the call through unchanged", name, exc_info=True
+                )
+                rewritten = None
+            if rewritten is not None:
+                args, kwargs = rewritten
+        return wrapped(*args, **kwargs)
+
+    return wrapper

@@ -1,0 +1,99 @@
+"""The decision: what a flash-attention request becomes. Pure: no imports of torch or transformers.
+
+Everything the decision depends on comes in as arguments (the request, what detection found, facts
+about the model class, the settings and an SDPA probe), so it can be tested exhaustively and the
+patching layer stays a thin adapter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ._detect import FlashStatus
+from ._settings import Settings
+
+_FLASH_REQUEST = re.compile(r"^(?P<prefix>paged\|)?(?P<impl>flash_attention_[234])$")
+_HALF_DTYPES = frozenset({"float16", "bfloat16"})
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the policy needs to know about the model class being built."""
+
+    name: str
+    supports_sdpa: bool
+    supports_flash: bool = True
+    dtype: str | None = None  # "float32", "bfloat16", ... or None when not known yet
+    registered: frozenset[str] = frozenset()  # attention names this transformers accepts
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One downgrade: model class, what was requested, what was chosen, and why."""
+
+    model: str
+    requested: str
+    chosen: str
+    reason: str
+
+
+def flash_implementation(requested: object) -> str | None:
+    """ "flash_attention_N" when ``requested`` asks for flash attention (``paged|`` allowed), else None."""
+    if not isinstance(requested, str):
+        return None
+    match = _FLASH_REQUEST.match(requested)
+    return match.group("impl") if match else None
+
+
+def decide(
+    requested: str,
+    status: FlashStatus,
+    facts: ModelFacts,
+    settings: Settings,
+    sdpa_probe: Callable[[], str],
+) -> Decision | None:
+    """Return the downgrade for a flash request that cannot be honoured, or None to leave it alone.
+
+    ``sdpa_probe`` returns "" when SDPA runs on this torch/device/dtype, else the error; it is only
+    called when SDPA is a candidate.
+    """
+    if flash_implementation(requested) is None:
+        return None
+    blocker = _flash_blocker(status, facts)
+    if blocker is None:
+        return None
+    chosen, why_not_sdpa = _fallback(facts, settings, sdpa_probe)
+    reason = blocker if not why_not_sdpa else f"{blocker}; {why_not_sdpa}"
+    return Decision(facts.name, requested, _with_prefix(requested, chosen, facts.registered), reason)
+
+
+def _flash_blocker(status: FlashStatus, facts: ModelFacts) -> str | None:
+    """Why the request cannot run as asked, or None when it can."""
+    if not status.usable:
+        return status.reason
+    if not facts.supports_flash:
+        return f"{facts.name} does not support flash attention"
+    if facts.dtype is not None and facts.dtype not in _HALF_DTYPES:
+        return f"{facts.dtype} weights: flash-attn runs only float16/bfloat16"
+    return None
+
+
+def _fallback(facts: ModelFacts, settings: Settings, sdpa_probe: Callable[[], str]) -> tuple[str, str]:
+    """The target ("sdpa" or "eager") and, when eager, why SDPA was not taken."""
+    if settings.fallback == "eager":
+        return "eager", "SDPA_SHIM_FALLBACK=eager"
+    if not facts.supports_sdpa:
+        return "eager", f"{facts.name} has no SDPA path"
+    probe_error = sdpa_probe()
+    if probe_error:
+        return "eager", f"SDPA failed here: {probe_error}"
+    return "sdpa", ""
+
+
+def _with_prefix(requested: str, chosen: str, registered: frozenset[str]) -> str:
+    """Keep a ``paged|`` prefix where this transformers registers the paged variant of the target."""
+    if requested.startswith("paged|") and f"paged|{chosen}" in registered:
+        return f"paged|{chosen}"
+    return chosen

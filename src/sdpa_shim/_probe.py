@@ -1,0 +1,47 @@
+"""Does SDPA run here? One tiny call per (device type, dtype), cached.
+
+A downgrade to "sdpa" that then fails at the first forward would only move the user's error; the
+probe catches torch builds or devices where ``scaled_dot_product_attention`` cannot run the dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+logger = logging.getLogger(__name__)
+
+_cache: dict[tuple[str, str], str] = {}
+_lock = threading.Lock()
+
+
+def sdpa_error(device_type: str, dtype_name: str) -> str:
+    """ "" when SDPA runs on ``device_type`` with ``dtype_name``, else the first line of the error."""
+    key = (device_type, dtype_name)
+    with _lock:
+        if key not in _cache:
+            _cache[key] = _run_probe(device_type, dtype_name)
+            logger.debug("SDPA probe on %s/%s: %s", device_type, dtype_name, _cache[key] or "ok")
+        return _cache[key]
+
+
+def clear_cache() -> None:
+    """Forget every probe result (tests)."""
+    with _lock:
+        _cache.clear()
+
+
+def _run_probe(device_type: str, dtype_name: str) -> str:
+    try:
+        import torch
+        import torch.nn.functional as F
+
+        dtype = getattr(torch, dtype_name)
+        q = torch.randn(1, 2, 4, 8, device=device_type, dtype=dtype)
+        out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        if not bool(torch.isfinite(out).all()):
+            return f"scaled_dot_product_attention returned non-finite values on {device_type}/{dtype_name}"
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return ""

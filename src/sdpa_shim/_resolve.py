@@ -1,0 +1,95 @@
+"""Glue between a model being built and the pure policy: gather facts, decide, record.
+
+Every fault in here is caught: the shim's own bug must never break a load that would have worked,
+so it is logged at ERROR and the request passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from . import _decisions, _detect, _probe
+from ._patch import MODELING_UTILS
+from ._policy import ModelFacts, decide, flash_implementation
+from ._settings import read_settings
+
+logger = logging.getLogger(__name__)
+
+
+def downgrade_for(model_or_class: Any, requested: object, config: Any = None) -> str | None:
+    """The implementation to use instead of ``requested``, or None to pass it through unchanged.
+
+    ``model_or_class`` is the model being built (bands C-E) or its class (bands A-B); ``config``
+    defaults to ``model_or_class.config``.
+    """
+    implementation = flash_implementation(requested)
+    if implementation is None:
+        return None
+    assert isinstance(requested, str)
+    try:
+        settings = read_settings()
+        if settings.enabled is False:
+            return None
+        status = _detect.flash_status(implementation)
+        facts = model_facts(model_or_class, config)
+        decision = decide(requested, status, facts, settings, lambda: _probe.sdpa_error(*probe_target(facts)))
+    except Exception:
+        name = getattr(model_or_class, "__name__", type(model_or_class).__name__)
+        logger.error(
+            "sdpa_shim failed while deciding what %r becomes for %s; passing the request through unchanged",
+            requested,
+            name,
+            exc_info=True,
+        )
+        return None
+    if decision is None:
+        logger.debug("%s: %s can run here; request left unchanged", facts.name, requested)
+        return None
+    _decisions.record(decision)
+    return decision.chosen
+
+
+def model_facts(model_or_class: Any, config: Any = None) -> ModelFacts:
+    """Read the class flags and the dtype the model is built in."""
+    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
+    if config is None:
+        config = getattr(model_or_class, "config", None)
+    return ModelFacts(
+        name=cls.__name__,
+        supports_sdpa=bool(getattr(cls, "_supports_sdpa", False)),
+        supports_flash=bool(
+            getattr(cls, "_supports_flash_attn", False) or getattr(cls, "_supports_flash_attn_2", False)
+        ),
+        dtype=_dtype_name(config),
+        registered=_registered_names(),
+    )
+
+
+def probe_target(facts: ModelFacts) -> tuple[str, str]:
+    """(device type, dtype) the model will most likely run attention on."""
+    import torch
+
+    device = torch.get_default_device().type if hasattr(torch, "get_default_device") else "cpu"
+    if device == "meta":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device, facts.dtype or str(torch.get_default_dtype()).removeprefix("torch.")
+
+
+def _dtype_name(config: Any) -> str | None:
+    if config is None:
+        return None
+    dtype = config.__dict__.get("dtype") or config.__dict__.get("torch_dtype")
+    if dtype is None or dtype == "auto":
+        return None
+    return str(dtype).removeprefix("torch.")
+
+
+def _registered_names() -> frozenset[str]:
+    module = sys.modules.get(MODELING_UTILS)
+    registry = getattr(module, "ALL_ATTENTION_FUNCTIONS", None)
+    try:
+        return frozenset(registry.keys()) if registry is not None else frozenset()
+    except Exception:
+        return frozenset()
