@@ -59,6 +59,10 @@ def deactivate() -> None:
     global _active
     with _lock:
         _active = False
+        if _wrapper_type is not None:
+            from . import _attention
+
+            _attention.uninstall()
         for (owner, name), original in list(_originals.items()):
             if _wrapper_type is not None and isinstance(vars(owner).get(name), _wrapper_type):
                 setattr(owner, name, original)
@@ -134,6 +138,9 @@ def _install(module: ModuleType) -> None:
             continue
         _originals[(owner, name)] = raw
         setattr(owner, name, wrapper_type(raw, _guarded(rewrite, name)))
+    from . import _attention
+
+    _attention.install(module)
     logger.debug("sdpa_shim patched %s", ", ".join(f"{owner.__name__}.{name}" for name in hooks))
 
 

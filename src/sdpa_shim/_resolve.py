@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import Any
 
-from . import _decisions, _detect, _probe
+from . import _attention, _decisions, _detect, _probe
 from ._patch import MODELING_UTILS
 from ._policy import ModelFacts, decide, flash_implementation
 from ._settings import read_settings
@@ -48,6 +48,8 @@ def downgrade_for(model_or_class: Any, requested: object, config: Any = None) ->
         logger.debug("%s: %s can run here; request left unchanged", facts.name, requested)
         return None
     _decisions.record(decision)
+    if decision.chosen.endswith("sdpa"):
+        _attention.mark(config if config is not None else getattr(model_or_class, "config", None))
     return decision.chosen
 
 

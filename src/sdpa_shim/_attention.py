@@ -1,0 +1,95 @@
+"""The SDPA attention function for models the shim downgraded (transformers 4.48+).
+
+From 4.48 transformers looks the attention function up per forward in ``ALL_ATTENTION_FUNCTIONS``
+by name. The shim keeps the name "sdpa" (so masks, generation and saved configs behave as with a
+plain "sdpa" load) and wraps that entry: calls from models the shim did *not* downgrade go straight
+to transformers' function; calls from downgraded models go through ``_backends.dispatch``, which may
+pick SDPA backends, and packed-sequence handling. Downgraded models are recognised by the identity
+of their config object, so nothing is written into the config (and nothing can be saved by
+``save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+#: id(config) -> weak reference to that config, for every config of a downgraded (sub-)model.
+_downgraded: dict[int, weakref.ref[Any]] = {}
+#: (mapping, key, original function) for each registry entry the shim wrapped.
+_wrapped: list[tuple[dict[str, Any], str, Callable[..., Any]]] = []
+
+
+def mark(config: Any) -> None:
+    """Remember that ``config`` belongs to a model the shim downgraded to SDPA."""
+    if config is None:
+        return
+    key = id(config)
+
+    def forget(_: object, key: int = key) -> None:
+        _downgraded.pop(key, None)
+
+    try:
+        reference = weakref.ref(config, forget)
+    except TypeError:  # not weak-referenceable: do not risk holding it forever
+        return
+    with _lock:
+        _downgraded[key] = reference
+
+
+def is_downgraded(config: Any) -> bool:
+    return id(config) in _downgraded
+
+
+def install(modeling_utils: ModuleType) -> None:
+    """Wrap the registry's "sdpa" entry (idempotent). Releases before 4.48 have no registry."""
+    mapping = _global_mapping(modeling_utils)
+    if mapping is None:
+        return
+    original = mapping.get("sdpa")
+    if original is None or getattr(original, "__sdpa_shim_original__", None) is not None:
+        return
+    mapping["sdpa"] = _wrap(original)
+    _wrapped.append((mapping, "sdpa", original))
+
+
+def uninstall() -> None:
+    """Put the registry's original functions back."""
+    while _wrapped:
+        mapping, key, original = _wrapped.pop()
+        if getattr(mapping.get(key), "__sdpa_shim_original__", None) is original:
+            mapping[key] = original
+
+
+def _global_mapping(modeling_utils: ModuleType) -> dict[str, Any] | None:
+    """The dict that holds the global entries: a class attribute from 4.51, the registry itself before."""
+    registry = getattr(modeling_utils, "ALL_ATTENTION_FUNCTIONS", None)
+    if registry is None:
+        return None
+    mapping = getattr(type(registry), "_global_mapping", None)
+    if isinstance(mapping, dict):
+        return mapping
+    return registry if isinstance(registry, dict) else None
+
+
+def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+    from . import _backends
+
+    def sdpa_attention_forward(
+        module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any
+    ):
+        if id(getattr(module, "config", None)) not in _downgraded:
+            return original(module, query, key, value, attention_mask, **kwargs)
+        return _backends.dispatch(original, module, query, key, value, attention_mask, **kwargs)
+
+    sdpa_attention_forward.__sdpa_shim_original__ = original  # type: ignore[attr-defined]
+    sdpa_attention_forward.__wrapped__ = original  # type: ignore[attr-defined]
+    sdpa_attention_forward.__doc__ = original.__doc__
+    return sdpa_attention_forward
