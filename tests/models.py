@@ -56,3 +56,29 @@ def save_tiny_tokenizer(directory: Path) -> Path:
     )
     fast.save_pretrained(directory)
     return directory
+
+
+def tiny_llava_config(**overrides):
+    """A composite model: a CLIP vision tower and a Llama text model, each with its own sub-config."""
+    from transformers import CLIPVisionConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=14,
+        projection_dim=32,
+    )
+    return LlavaConfig(
+        vision_config=vision, text_config=tiny_llama_config(), image_token_index=100, **overrides
+    )
+
+
+def save_tiny_llava(directory: Path) -> Path:
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(tiny_llava_config()).save_pretrained(directory)
+    return directory

@@ -61,7 +61,7 @@ def parse_bool(name: str, raw: str | None, default: bool | None) -> bool | None:
         return True
     if value in FALSE_VALUES:
         return False
-    shown = "unset" if default is None else ("on" if default else "off")
+    shown = "the default (as if unset)" if default is None else ("on" if default else "off")
     _warn_bad_value(name, raw, "1/true/on/yes or 0/false/off/no (any case)", shown)
     return default
 
