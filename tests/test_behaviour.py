@@ -9,11 +9,11 @@ import logging
 import pytest
 import torch
 import transformers
-from models import input_ids, logits, save_tiny_llava, tiny_llama_config
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import sdpa_shim
+from models import input_ids, logits, save_tiny_llava, tiny_llama_config
 
 TRANSFORMERS = Version(transformers.__version__)
 pytestmark = pytest.mark.skipif(
@@ -147,8 +147,9 @@ def test_composite_dict_request_decides_each_sub_model(tmp_path, shim_records):
 
 def test_composite_sub_config_request_uses_sub_model_class(tmp_path, shim_records):
     """A sub-config asking for flash attention is decided on its own class's facts."""
-    from models import tiny_llava_config
     from transformers import LlavaForConditionalGeneration
+
+    from models import tiny_llava_config
 
     config = tiny_llava_config()
     config.vision_config._attn_implementation = "flash_attention_2"
