@@ -6,15 +6,16 @@ Builds a tiny random Llama in a temporary directory (no downloads), loads it wit
     python examples/quickstart.py
 """
 
+# ruff: noqa: I001  (sdpa_shim is imported first on purpose: on old transformers that matters)
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
+import sdpa_shim  # first: from here on, flash-attention requests that cannot run are downgraded
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-
-import sdpa_shim  # first: from here on, flash-attention requests that cannot run are downgraded
 
 
 def main() -> None:
