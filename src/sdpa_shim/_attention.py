@@ -80,13 +80,16 @@ def _global_mapping(modeling_utils: ModuleType) -> dict[str, Any] | None:
 
 
 def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
-    from . import _backends
+    from . import _backends, _packed
 
     def sdpa_attention_forward(
         module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any
     ):
         if id(getattr(module, "config", None)) not in _downgraded:
             return original(module, query, key, value, attention_mask, **kwargs)
+        bounds = _packed.boundaries(query, key, kwargs)
+        if bounds is not None:
+            return _packed.attention(module, query, key, value, attention_mask, bounds, **kwargs)
         return _backends.dispatch(original, module, query, key, value, attention_mask, **kwargs)
 
     sdpa_attention_forward.__sdpa_shim_original__ = original  # type: ignore[attr-defined]
