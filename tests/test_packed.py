@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from models import tiny_llama_config
 from packaging.version import Version
 from transformers import LlamaForCausalLM
 
 import sdpa_shim
+from models import tiny_llama_config
 
 TRANSFORMERS = Version(transformers.__version__)
 pytestmark = pytest.mark.skipif(
@@ -94,7 +94,7 @@ def test_packed_with_past_tokens_is_refused():
     with torch.no_grad():
         past = model(torch.tensor([[1, 2]]), use_cache=True).past_key_values
         with pytest.raises(
-            ValueError, match="packed sequences cannot share a KV cache. Pass use_cache=False"
+            ValueError, match=r"packed sequences cannot share a KV cache\. Pass use_cache=False"
         ):
             model(ids, position_ids=positions, past_key_values=past, use_cache=True)
 

@@ -11,6 +11,7 @@ Memory stays O(tokens): at most one sequence's S_i x S_i block at a time.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 _last_positions: tuple[Any, list[int] | None] = (None, None)
@@ -84,7 +85,7 @@ def attention(
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     pieces = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+    for start, end in itertools.pairwise(bounds):
         mask = None
         if attention_mask is not None and attention_mask.dim() == 4:
             mask = attention_mask[:, :, start:end, start:end]
