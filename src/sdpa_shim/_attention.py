@@ -80,14 +80,20 @@ def _global_mapping(modeling_utils: ModuleType) -> dict[str, Any] | None:
 
 
 def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
-    from . import _backends, _packed
+    from . import _backends, _faults, _packed
 
     def sdpa_attention_forward(
         module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any
     ):
         if id(getattr(module, "config", None)) not in _downgraded:
             return original(module, query, key, value, attention_mask, **kwargs)
-        bounds = _packed.boundaries(query, key, kwargs)
+        try:
+            bounds = _packed.boundaries(query, key, kwargs)
+        except _packed.PackedSequenceError:
+            raise
+        except Exception as error:
+            _faults.report("the packed-sequence check", error, "attention runs as plain sdpa")
+            return original(module, query, key, value, attention_mask, **kwargs)
         if bounds is not None:
             return _packed.attention(module, query, key, value, attention_mask, bounds, **kwargs)
         return _backends.dispatch(original, module, query, key, value, attention_mask, **kwargs)

@@ -18,6 +18,7 @@ import threading
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from . import _faults
 from ._settings import disabled_by_env
 from ._watch import when_package_imported
 
@@ -91,10 +92,11 @@ def _register_post_import_hook() -> None:
                 return
             _hook_registered = True
             wrapt.register_post_import_hook(_on_modeling_utils_import, MODELING_UTILS)
-    except Exception:
-        logger.error(
-            "sdpa_shim could not register its import hook; transformers is left unchanged", exc_info=True
-        )
+        from ._availability import install as patch_flash_availability  # never raises
+
+        patch_flash_availability()  # before transformers' modeling modules read is_flash_attn_2_available
+    except Exception as error:
+        _faults.report("registering the import hook", error, "transformers is left unchanged")
 
 
 def _on_modeling_utils_import(module: ModuleType) -> None:
@@ -103,10 +105,8 @@ def _on_modeling_utils_import(module: ModuleType) -> None:
         with _lock:
             if _active:  # wrapt cannot unregister a hook; a deactivated shim leaves it inert
                 _install(module)
-    except Exception:
-        logger.error(
-            "sdpa_shim could not patch %s; transformers is left unchanged", MODELING_UTILS, exc_info=True
-        )
+    except Exception as error:
+        _faults.report(f"patching {MODELING_UTILS}", error, "transformers is left unchanged")
 
 
 def _shim_wrapper_type() -> type:
@@ -154,10 +154,8 @@ def _guarded(rewrite: Rewrite, name: str) -> Any:
         if _active:
             try:
                 rewritten = rewrite(instance, args, kwargs)
-            except Exception:
-                logger.error(
-                    "sdpa_shim failed in its %s hook; passing the call through unchanged", name, exc_info=True
-                )
+            except Exception as error:
+                _faults.report(f"the {name} hook", error, "the call passes through to transformers unchanged")
                 rewritten = None
             if rewritten is not None:
                 args, kwargs = rewritten

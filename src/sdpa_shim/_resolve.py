@@ -1,7 +1,7 @@
 """Glue between a model being built and the pure policy: gather facts, decide, record.
 
-Every fault in here is caught: the shim's own bug must never break a load that would have worked,
-so it is logged at ERROR and the request passes through unchanged.
+Faults raised here are caught by the hook that called (``_patch._guarded``): the request then passes
+through unchanged and one ERROR is logged.
 """
 
 from __future__ import annotations
@@ -28,22 +28,12 @@ def downgrade_for(model_or_class: Any, requested: object, config: Any = None) ->
     if implementation is None:
         return None
     assert isinstance(requested, str)
-    try:
-        settings = read_settings()
-        if settings.enabled is False:
-            return None
-        status = _detect.flash_status(implementation)
-        facts = model_facts(model_or_class, config)
-        decision = decide(requested, status, facts, settings, lambda: _probe.sdpa_error(*probe_target(facts)))
-    except Exception:
-        name = getattr(model_or_class, "__name__", type(model_or_class).__name__)
-        logger.error(
-            "sdpa_shim failed while deciding what %r becomes for %s; passing the request through unchanged",
-            requested,
-            name,
-            exc_info=True,
-        )
+    settings = read_settings()
+    if settings.enabled is False:
         return None
+    status = _detect.flash_status(implementation)
+    facts = model_facts(model_or_class, config)
+    decision = decide(requested, status, facts, settings, lambda: _probe.sdpa_error(*probe_target(facts)))
     if decision is None:
         logger.debug("%s: %s can run here; request left unchanged", facts.name, requested)
         return None

@@ -38,8 +38,10 @@ class _PackageWatcher:
             if self in sys.meta_path:
                 sys.meta_path.remove(self)
             self.callback()
-        except Exception:
-            logger.error("sdpa_shim's import watcher failed; transformers is left unchanged", exc_info=True)
+        except Exception as error:
+            from . import _faults
+
+            _faults.report(f"the {self.package} import watcher", error, "transformers is left unchanged")
         return None
 
 

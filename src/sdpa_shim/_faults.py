@@ -1,0 +1,36 @@
+"""Reporting the shim's own faults: one ERROR per distinct fault, then DEBUG.
+
+A fault in the shim must never break the user's import, load or forward: the caller catches it,
+reports it here and carries on as if the shim were not there. Deduplication keeps one bug from
+printing an ERROR for every sub-model or every layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+logger = logging.getLogger("sdpa_shim")
+
+_seen: set[tuple[str, str, str]] = set()
+_lock = threading.Lock()
+
+
+def report(where: str, error: BaseException, consequence: str) -> None:
+    """Log ``error`` raised in ``where`` with what the shim did instead (``consequence``)."""
+    key = (where, type(error).__name__, str(error))
+    with _lock:
+        first = key not in _seen
+        _seen.add(key)
+    if first:
+        logger.error(
+            "sdpa_shim: internal error in %s (%s: %s); %s", where, key[1], key[2], consequence, exc_info=error
+        )
+    else:
+        logger.debug("sdpa_shim: internal error in %s again (%s: %s)", where, key[1], key[2])
+
+
+def clear() -> None:
+    """Forget reported faults (tests)."""
+    with _lock:
+        _seen.clear()
