@@ -57,4 +57,6 @@ def hooks_for(model_class: type) -> dict[str, Rewrite]:
     defined = vars(model_class)
     if "_check_and_adjust_attn_implementation" in defined:
         return {name: rewrite for name, rewrite in MODERN_HOOKS.items() if name in defined}
-    return {}
+    from ._hooks_legacy import legacy_hooks_for  # bands A-B (4.36-4.53)
+
+    return legacy_hooks_for(model_class)
