@@ -15,13 +15,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import sdpa_shim
 from fakes import forget_flash_attn, write_flash_attn_distribution
-from sdpa_shim import _decisions, _detect, _probe, _settings
+from sdpa_shim import _decisions, _detect, _faults, _probe, _settings
 
 SHIM_VARIABLES = ("SDPA_SHIM", "SDPA_SHIM_FALLBACK", "SDPA_SHIM_BACKEND", "SDPA_SHIM_STANDIN")
 
 
 def reset_shim_state() -> None:
     _decisions.clear()
+    _faults.clear()
     _detect.clear_cache()
     _probe.clear_cache()
     _settings.reset_warnings()

@@ -22,7 +22,17 @@ def flash_attn_func(*args, **kwargs):
     raise AssertionError("the fake flash_attn must never be called")
 
 
-flash_attn_varlen_func = flash_attn_func
+flash_attn_varlen_func = flash_attn_with_kvcache = flash_attn_func
+'''
+
+_USABLE_BERT_PADDING = '''"""Fake flash_attn.bert_padding (tests only)."""
+
+
+def pad_input(*args, **kwargs):
+    raise AssertionError("the fake flash_attn must never be called")
+
+
+unpad_input = index_first_axis = pad_input
 '''
 
 
@@ -41,12 +51,14 @@ def write_flash_attn_distribution(root: Path, kind: str, version: str = "2.7.4")
     else:
         raise ValueError(f"kind must be 'broken' or 'usable', not {kind!r}")
     (package / "__init__.py").write_text(body)
+    if kind == "usable":
+        (package / "bert_padding.py").write_text(_USABLE_BERT_PADDING)
     dist_info = root / f"flash_attn-{version}.dist-info"
     dist_info.mkdir(exist_ok=True)
     (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: flash-attn\nVersion: {version}\n")
     (dist_info / "top_level.txt").write_text("flash_attn\n")
     (dist_info / "RECORD").write_text(
-        f"flash_attn/__init__.py,,\nflash_attn-{version}.dist-info/METADATA,,\n"
+        f"flash_attn/__init__.py,,\nflash_attn/bert_padding.py,,\nflash_attn-{version}.dist-info/METADATA,,\n"
         f"flash_attn-{version}.dist-info/top_level.txt,,\nflash_attn-{version}.dist-info/RECORD,,\n"
     )
     return root

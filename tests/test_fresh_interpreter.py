@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-TESTS = Path(__file__).resolve().parent
-
-
-def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
-    environment["PYTHONPATH"] = os.pathsep.join([str(SRC), str(TESTS), environment.get("PYTHONPATH", "")])
-    for name in ("SDPA_SHIM", "SDPA_SHIM_FALLBACK", "SDPA_SHIM_BACKEND", "SDPA_SHIM_STANDIN"):
-        if name not in env:
-            environment.pop(name, None)
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=300,
-    )
+from fresh import run_python
 
 
 def test_import_loads_neither_torch_nor_transformers_nor_wrapt():

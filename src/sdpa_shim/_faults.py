@@ -12,22 +12,21 @@ import threading
 
 logger = logging.getLogger("sdpa_shim")
 
-_seen: set[tuple[str, str, str]] = set()
+#: (exception type, message): one fault met by several hooks (a model and its sub-models) is one ERROR.
+_seen: set[tuple[str, str]] = set()
 _lock = threading.Lock()
 
 
 def report(where: str, error: BaseException, consequence: str) -> None:
     """Log ``error`` raised in ``where`` with what the shim did instead (``consequence``)."""
-    key = (where, type(error).__name__, str(error))
+    key = (type(error).__name__, str(error))
     with _lock:
         first = key not in _seen
         _seen.add(key)
     if first:
-        logger.error(
-            "sdpa_shim: internal error in %s (%s: %s); %s", where, key[1], key[2], consequence, exc_info=error
-        )
+        logger.error("sdpa_shim: internal error in %s (%s: %s); %s", where, *key, consequence, exc_info=error)
     else:
-        logger.debug("sdpa_shim: internal error in %s again (%s: %s)", where, key[1], key[2])
+        logger.debug("sdpa_shim: internal error in %s again (%s: %s)", where, *key)
 
 
 def clear() -> None:

@@ -37,9 +37,9 @@ def downgrade_for(model_or_class: Any, requested: object, config: Any = None) ->
     if decision is None:
         logger.debug("%s: %s can run here; request left unchanged", facts.name, requested)
         return None
-    _decisions.record(decision)
     if decision.chosen.endswith("sdpa"):
         _attention.mark(config if config is not None else getattr(model_or_class, "config", None))
+    _decisions.record(decision)  # last: a fault before it leaves no WARNING about a change never made
     return decision.chosen
 
 

@@ -1,0 +1,306 @@
+"""Never break a load, never persist a rewrite, never race: faults injected into each piece of the
+shim, threads loading at once, activate/deactivate racing loads, save_pretrained after downgrades,
+and pass-through when flash-attn would work."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+import sdpa_shim
+from fresh import run_python
+from models import save_tiny_llava, tiny_llama_config
+
+TRANSFORMERS = Version(transformers.__version__)
+
+FAULT_POINTS = [
+    "sdpa_shim._detect._compute",
+    "sdpa_shim._resolve.read_settings",
+    "sdpa_shim._resolve.model_facts",
+    "sdpa_shim._resolve.decide",
+    "sdpa_shim._probe.sdpa_error",
+    "sdpa_shim._attention.mark",
+    "sdpa_shim._decisions.record",
+]
+
+
+def transformers_error(load):
+    sdpa_shim.deactivate()
+    try:
+        with pytest.raises(Exception) as info:
+            load()
+    finally:
+        sdpa_shim.activate()
+    return type(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("target", FAULT_POINTS)
+def test_injected_fault_passes_the_request_through(target, tiny_llama, monkeypatch, caplog):
+    """The faked piece is the shim's own code (the point of the test); transformers is real."""
+
+    def load():
+        return LlamaForCausalLM.from_pretrained(tiny_llama, attn_implementation="flash_attention_2")
+
+    expected = transformers_error(load)
+    module_name, attribute = target.rsplit(".", 1)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError(f"injected fault in {attribute}")
+
+    monkeypatch.setattr(f"{module_name}.{attribute}", boom)
+    caplog.set_level(logging.DEBUG, logger="sdpa_shim")
+    with pytest.raises(Exception) as info:
+        load()
+    assert (type(info.value), str(info.value)) == expected
+    errors = [r for r in caplog.records if r.name.startswith("sdpa_shim") and r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert f"(RuntimeError: injected fault in {attribute}); the call passes through" in errors[0].getMessage()
+    assert not [r for r in caplog.records if r.name.startswith("sdpa_shim") and r.levelno == logging.WARNING]
+    # the same fault does not stop loads that would have worked anyway
+    assert (
+        AutoModelForCausalLM.from_pretrained(
+            tiny_llama, attn_implementation="sdpa"
+        ).config._attn_implementation
+        == "sdpa"
+    )
+
+
+def test_fault_in_packed_check_falls_back_to_plain_sdpa(monkeypatch, caplog):
+    if Version("4.48") > TRANSFORMERS:
+        pytest.skip("no attention registry before 4.48")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(attn_implementation="flash_attention_2"))
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected fault in boundaries")
+
+    monkeypatch.setattr("sdpa_shim._packed.boundaries", boom)
+    caplog.set_level(logging.DEBUG, logger="sdpa_shim")
+    sdpa_shim.deactivate()
+    reference = LlamaForCausalLM(tiny_llama_config(attn_implementation="sdpa"))
+    sdpa_shim.activate()
+    reference.load_state_dict(model.state_dict())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "packed-sequence check" in errors[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    "sabotage, where",
+    [
+        (
+            "import sdpa_shim._hooks as h\ndef boom(*a):\n    raise RuntimeError('injected')\nh.hooks_for = boom\n",
+            "patching transformers.modeling_utils",
+        ),
+        (
+            "import sdpa_shim._patch as p\ndef boom(*a):\n    raise RuntimeError('injected')\np._install = boom\n",
+            "patching transformers.modeling_utils",
+        ),
+    ],
+    ids=["hooks_for", "install"],
+)
+def test_failing_post_import_hook_never_breaks_import_transformers(sabotage, where):
+    result = run_python(
+        "import sdpa_shim\n"
+        + sabotage
+        + """
+import transformers.modeling_utils
+from transformers import LlamaForCausalLM
+from models import tiny_llama_config
+print("built", LlamaForCausalLM(tiny_llama_config()).config._attn_implementation)
+"""
+    )
+    assert result.returncode == 0, result.stderr
+    assert "built sdpa" in result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sdpa_shim: internal error")]
+    assert errors == [
+        f"sdpa_shim: internal error in {where} (RuntimeError: injected); transformers is left unchanged"
+    ]
+
+
+def test_missing_wrapt_never_breaks_import_transformers():
+    result = run_python(
+        """
+import sys
+sys.modules["wrapt"] = None  # wrapt cannot be imported
+import sdpa_shim
+from transformers import LlamaForCausalLM
+from models import tiny_llama_config
+print("built", LlamaForCausalLM(tiny_llama_config()).config._attn_implementation)
+"""
+    )
+    assert result.returncode == 0, result.stderr
+    assert "built sdpa" in result.stdout
+    assert (
+        "sdpa_shim: internal error in registering the import hook (ModuleNotFoundError: import of wrapt halted"
+        in result.stderr
+    )
+
+
+def test_usable_flash_attn_passes_through_silently(tmp_path):
+    """A fake importable flash_attn plus a faked CUDA device (no kernel is ever launched): the request
+    reaches transformers unchanged and the shim logs nothing above DEBUG."""
+    from fakes import write_flash_attn_distribution
+
+    site = write_flash_attn_distribution(tmp_path / "site", "usable")
+    result = run_python(
+        f"""
+import sys, logging
+sys.path.insert(0, {str(site)!r})
+import torch
+torch.cuda.is_available = lambda: True          # fake CUDA: only availability checks, no kernel
+torch.cuda.device_count = lambda: 1
+torch.cuda.current_device = lambda: 0
+torch.cuda.get_device_capability = lambda *a: (9, 0)
+torch.cuda.get_device_name = lambda *a: "NVIDIA H100 80GB HBM3"
+records = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append(record)
+logging.getLogger("sdpa_shim").addHandler(Keep(logging.DEBUG))
+logging.getLogger("sdpa_shim").setLevel(logging.DEBUG)
+import sdpa_shim
+from transformers import LlamaForCausalLM
+from models import tiny_llama_config
+model = LlamaForCausalLM(tiny_llama_config(attn_implementation="flash_attention_2", dtype=torch.bfloat16))
+print("chosen", model.config._attn_implementation)
+print("decisions", sdpa_shim.decisions())
+print("above-debug", [r.getMessage() for r in records if r.levelno > logging.DEBUG])
+print("debug", any("can run here" in r.getMessage() for r in records))
+"""
+    )
+    assert result.returncode == 0, result.stderr
+    assert "chosen flash_attention_2" in result.stdout
+    assert "decisions []" in result.stdout
+    assert "above-debug []" in result.stdout
+    assert "debug True" in result.stdout
+
+
+def test_threads_loading_at_once(tiny_llama, shim_records):
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def load(index: int) -> None:
+        try:
+            requested = "flash_attention_2" if index % 2 == 0 else "sdpa"
+            model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=requested)
+            results.append(model.config._attn_implementation)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "deadlock"
+    assert errors == []
+    assert results == ["sdpa"] * 8
+    assert len(shim_records()) == 1  # one distinct decision, one WARNING
+    assert len(sdpa_shim.decisions()) == 4
+    wrapper = vars(transformers.modeling_utils.PreTrainedModel)["_check_and_adjust_attn_implementation"]
+    assert not hasattr(wrapper.__wrapped__, "__wrapped__")  # wrapped once
+
+
+def test_activate_deactivate_racing_loads(tiny_llama):
+    owner = transformers.modeling_utils.PreTrainedModel
+    names = [
+        n
+        for n in ("_check_and_adjust_attn_implementation", "get_correct_attn_implementation")
+        if n in vars(owner)
+    ]
+    sdpa_shim.deactivate()
+    originals = {name: vars(owner)[name] for name in names}
+    original_sdpa = transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS["sdpa"]
+    sdpa_shim.activate()
+    stop = time.monotonic() + 8
+    outcomes: list[str] = []
+
+    def toggle() -> None:
+        while time.monotonic() < stop:
+            sdpa_shim.deactivate()
+            sdpa_shim.activate()
+
+    def load() -> None:
+        while time.monotonic() < stop:
+            try:
+                model = LlamaForCausalLM.from_pretrained(tiny_llama, attn_implementation="flash_attention_2")
+                outcomes.append(model.config._attn_implementation)
+            except (ImportError, ValueError) as error:  # transformers' own error while the shim is off
+                outcomes.append(type(error).__name__)
+
+    threads = [threading.Thread(target=toggle)] + [threading.Thread(target=load) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "deadlock"
+    assert outcomes and set(outcomes) <= {"sdpa", "ImportError", "ValueError"}
+    # settled state: fully patched (active) ...
+    for name in names:
+        assert vars(owner)[name].__wrapped__ is originals[name]
+    assert transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS["sdpa"].__wrapped__ is original_sdpa
+    # ... or, after deactivate, fully original
+    sdpa_shim.deactivate()
+    assert all(vars(owner)[name] is originals[name] for name in names)
+    assert transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS["sdpa"] is original_sdpa
+
+
+def attention_fields(data, path=""):
+    """Every attention-implementation key in a config.json, at any depth."""
+    found = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            found.update(attention_fields(value, f"{path}{key}."))
+        elif "attn_implementation" in key:
+            found[f"{path}{key}"] = value
+    return found
+
+
+@pytest.mark.parametrize(
+    "request_kind",
+    ["kwarg", "config.json", "dict", "sub-config"],
+)
+def test_save_pretrained_persists_nothing_of_the_shim(request_kind, tmp_path, shim_records):
+    from transformers import LlavaForConditionalGeneration
+
+    source = save_tiny_llava(tmp_path / "source")
+    kwargs: dict = {}
+    if request_kind == "kwarg":
+        kwargs = {"attn_implementation": "flash_attention_2"}
+    elif request_kind == "dict":
+        kwargs = {
+            "attn_implementation": {"text_config": "flash_attention_2", "vision_config": "flash_attention_2"}
+        }
+    elif request_kind == "config.json":
+        data = json.loads((source / "config.json").read_text())
+        data["_attn_implementation"] = "flash_attention_2"
+        (source / "config.json").write_text(json.dumps(data))
+    else:  # a sub-config object carrying the request
+        config = transformers.AutoConfig.from_pretrained(source)
+        config.text_config._attn_implementation = "flash_attention_2"
+        kwargs = {"config": config}
+    model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
+    assert sdpa_shim.decisions(), "the shim must have downgraded something"
+    model.save_pretrained(tmp_path / "with-shim")
+
+    sdpa_shim.deactivate()
+    plain = LlavaForConditionalGeneration.from_pretrained(source, attn_implementation="sdpa")
+    plain.save_pretrained(tmp_path / "without-shim")
+    saved = json.loads((tmp_path / "with-shim" / "config.json").read_text())
+    expected = json.loads((tmp_path / "without-shim" / "config.json").read_text())
+    assert attention_fields(saved) == attention_fields(expected)
+    assert "sdpa" not in json.dumps(attention_fields(saved))
+    # reloading without the shim behaves as transformers does with that directory
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "with-shim")
+    assert reloaded.config._attn_implementation == plain.config._attn_implementation
