@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MODELING_UTILS = "transformers.modeling_utils"
+DYNAMIC_MODULE_UTILS = "transformers.dynamic_module_utils"  # remote code: see _remote_code
 
 _lock = threading.RLock()
 _active = False
@@ -48,6 +49,8 @@ def activate() -> bool:
         if _hook_registered:
             if MODELING_UTILS in sys.modules:
                 _install(sys.modules[MODELING_UTILS])
+            if DYNAMIC_MODULE_UTILS in sys.modules:
+                _install_remote_code(sys.modules[DYNAMIC_MODULE_UTILS])
         elif "transformers" in sys.modules:
             _register_post_import_hook()
         else:
@@ -61,9 +64,10 @@ def deactivate() -> None:
     with _lock:
         _active = False
         if _wrapper_type is not None:
-            from . import _attention
+            from . import _attention, _remote_code
 
             _attention.uninstall()
+            _remote_code.uninstall()
         for (owner, name), original in list(_originals.items()):
             if _wrapper_type is not None and isinstance(vars(owner).get(name), _wrapper_type):
                 setattr(owner, name, original)
@@ -92,6 +96,7 @@ def _register_post_import_hook() -> None:
                 return
             _hook_registered = True
             wrapt.register_post_import_hook(_on_modeling_utils_import, MODELING_UTILS)
+            wrapt.register_post_import_hook(_on_dynamic_module_utils_import, DYNAMIC_MODULE_UTILS)
         from ._availability import install as patch_flash_availability  # never raises
 
         patch_flash_availability()  # before transformers' modeling modules read is_flash_attn_2_available
@@ -107,6 +112,23 @@ def _on_modeling_utils_import(module: ModuleType) -> None:
                 _install(module)
     except Exception as error:
         _faults.report(f"patching {MODELING_UTILS}", error, "transformers is left unchanged")
+
+
+def _on_dynamic_module_utils_import(module: ModuleType) -> None:
+    """Post-import hook for remote code loading; like the one above, it must never raise."""
+    try:
+        with _lock:
+            if _active:
+                _install_remote_code(module)
+    except Exception as error:
+        _faults.report(f"patching {DYNAMIC_MODULE_UTILS}", error, "remote code loads as without the shim")
+
+
+def _install_remote_code(module: ModuleType) -> None:
+    from . import _remote_code
+
+    _shim_wrapper_type()
+    _remote_code.install(module)
 
 
 def _shim_wrapper_type() -> type:
