@@ -1,0 +1,299 @@
+"""Attention internals shared by the stand-in's public functions.
+
+Everything here takes flash-attn's ``(batch, seqlen, heads, dim)`` layout and picks the cheapest
+torch route that gives flash-attn's numbers:
+
+1. a plain SDPA call (``is_causal`` only where top-left and bottom-right alignment coincide), so the
+   fused flash / cuDNN kernels run;
+2. SDPA with ``causal_lower_right`` for a causal block with fewer queries than keys (fused on CUDA);
+3. SDPA with a mask built for this (seqlen_q, seqlen_k) block only (windows, ALiBi, key ranges);
+4. an explicit float32 softmax, only where SDPA cannot express the maths (softcap) or where the
+   caller asked for the log-sum-exp / probabilities.
+
+Rows whose window holds no key give zeros, as in flash-attn ("If the row of the mask is all zero,
+the output will be zero"), never NaN: such rows are unmasked for the softmax, then zeroed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+_NEG_INF = float("-inf")
+# Scores computed at once by the explicit path when no gradient is needed (elements, float32).
+_MATH_CHUNK_ELEMENTS = 1 << 26
+
+try:  # torch >= 2.3: SDPA dispatches this to kernels that align causal masks bottom-right
+    from torch.nn.attention.bias import causal_lower_right as _causal_lower_right
+except ImportError:  # pragma: no cover - old torch
+    _causal_lower_right = None
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    try:
+        return (int(parts[0]), int(parts[1])) >= (major, minor)
+    except (ValueError, IndexError):  # pragma: no cover - unparsable dev version
+        return True
+
+
+# SDPA's ``enable_gqa`` appeared in torch 2.5.
+SDPA_HAS_GQA = _torch_at_least(2, 5)
+
+
+class Result(NamedTuple):
+    """Output in flash-attn layout, plus what ``return_attn_probs`` asks for (else None)."""
+
+    out: Tensor
+    lse: Tensor | None
+    probs: Tensor | None
+
+
+def normalize_window(
+    causal: bool, window_size: tuple[int, int] | list[int], seqlen_k: int
+) -> tuple[int, int]:
+    """Turn flash-attn's ``(causal, window_size)`` into one ``(left, right)`` pair, -1 meaning unbounded.
+
+    Same rules as flash-attn's C++ front end: causal forces ``right = 0``, and a side at least as long
+    as ``seqlen_k`` counts as unbounded.
+    """
+    if len(window_size) != 2:
+        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
+    left, right = int(window_size[0]), int(window_size[1])
+    if causal:
+        right = 0
+    if left < 0 or left >= seqlen_k:
+        left = -1
+    if right < 0 or right >= seqlen_k:
+        right = -1
+    return left, right
+
+
+def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """(B, S, Hk, D) -> (B, S, Hk * n_rep, D), query head h reading key head h // n_rep."""
+    if n_rep == 1:
+        return x
+    b, s, h, d = x.shape
+    return x.unsqueeze(3).expand(b, s, h, n_rep, d).reshape(b, s, h * n_rep, d)
+
+
+def _allowed(
+    sq: int,
+    sk: int,
+    left: int,
+    right: int,
+    shift: int | Tensor,
+    key_start: Tensor | None,
+    key_end: Tensor | None,
+    device: torch.device,
+) -> Tensor | None:
+    """Boolean (1|B, 1, sq, sk) mask of the keys each query may see; None when it sees all of them.
+
+    Query i may see key j when ``i + shift - left <= j <= i + shift + right`` (shift = seqlen_k -
+    seqlen_q gives flash-attn's bottom-right alignment) and ``key_start <= j < key_end``.
+    """
+    batched = isinstance(shift, Tensor) or key_start is not None or key_end is not None
+    if left < 0 and right < 0 and not batched:
+        return None
+    rel = torch.arange(sk, device=device).view(1, 1, 1, sk) - torch.arange(sq, device=device).view(
+        1, 1, sq, 1
+    )
+    if isinstance(shift, Tensor):
+        shift = shift.to(device=device, dtype=torch.long).view(-1, 1, 1, 1)
+    mask = torch.ones(1, 1, sq, sk, dtype=torch.bool, device=device)
+    if right >= 0:
+        mask = mask & (rel <= shift + right)
+    if left >= 0:
+        mask = mask & (rel >= shift - left)
+    cols = torch.arange(sk, device=device).view(1, 1, 1, sk)
+    if key_start is not None:
+        mask = mask & (cols >= key_start.to(device=device, dtype=torch.long).view(-1, 1, 1, 1))
+    if key_end is not None:
+        mask = mask & (cols < key_end.to(device=device, dtype=torch.long).view(-1, 1, 1, 1))
+    return mask
+
+
+def _alibi_bias(slopes: Tensor, sq: int, sk: int, shift: int | Tensor, device: torch.device) -> Tensor:
+    """flash-attn's ALiBi: ``-slope * |i + seqlen_k - seqlen_q - j|`` as a float32 (1|B, H, sq, sk) bias."""
+    slopes = slopes.to(device=device, dtype=torch.float32)
+    slopes = slopes.view(1, -1, 1, 1) if slopes.dim() == 1 else slopes.view(slopes.shape[0], -1, 1, 1)
+    rel = torch.arange(sq, device=device).view(1, 1, sq, 1) - torch.arange(sk, device=device).view(
+        1, 1, 1, sk
+    )
+    if isinstance(shift, Tensor):
+        shift = shift.to(device=device, dtype=torch.long).view(-1, 1, 1, 1)
+    return -slopes * (rel + shift).abs().to(torch.float32)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    left: int = -1,
+    right: int = -1,
+    dropout_p: float = 0.0,
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    key_start: Tensor | None = None,
+    key_end: Tensor | None = None,
+    want_lse: bool = False,
+    want_probs: bool = False,
+) -> Result:
+    """Attention over (B, Sq, H, D) queries and (B, Sk, Hk, D) keys, in flash-attn's semantics.
+
+    ``left``/``right`` come from ``normalize_window``. ``key_start``/``key_end`` ((B,) tensors) limit
+    each batch row to a slice of the keys (KV cache); alignment is then to ``key_end``.
+    """
+    b, sq, h, _ = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    if sq == 0 or b == 0 or sk == 0:
+        return _empty_result(q, v, want_lse, want_probs)
+    ranged = key_start is not None or key_end is not None
+    shift: int | Tensor = sk - sq if key_end is None else key_end.to(torch.long) - sq
+    if not ranged:  # drop window sides that no query can reach (exact, and opens the fast paths)
+        if right >= sq - 1:
+            right = -1
+        if left >= sk - 1:
+            left = -1
+
+    plain = softcap <= 0 and alibi_slopes is None and not ranged and not want_lse and not want_probs
+    if plain and left < 0 and (right < 0 or (right == 0 and sq == sk)):
+        return Result(_sdpa(q, k, v, scale=scale, dropout_p=dropout_p, is_causal=right == 0), None, None)
+    if plain and left < 0 and right == 0 and sq < sk and _causal_lower_right is not None:
+        bias = _causal_lower_right(sq, sk)
+        return Result(_sdpa(q, k, v, scale=scale, dropout_p=dropout_p, mask=bias), None, None)
+
+    mask = _allowed(sq, sk, left, right, shift, key_start, key_end, q.device)
+    bias = _alibi_bias(alibi_slopes, sq, sk, shift, q.device) if alibi_slopes is not None else None
+    row_ok = None
+    if mask is not None:
+        row_ok = mask.any(dim=-1, keepdim=True)  # (1|B, 1, sq, 1)
+        mask = mask | ~row_ok  # empty rows see everything, then get zeroed: no NaN, no gradient
+    if softcap > 0 or want_lse or want_probs:
+        return _explicit(q, k, v, scale, dropout_p, softcap, mask, bias, row_ok, want_probs)
+
+    k, v = repeat_kv(k, h // hk), repeat_kv(v, h // hk)
+    if bias is not None:
+        attn_mask: Tensor | None = bias if mask is None else bias.masked_fill(~mask, _NEG_INF)
+        attn_mask = attn_mask.to(q.dtype)
+    else:
+        attn_mask = mask
+    out = _sdpa(q, k, v, scale=scale, dropout_p=dropout_p, mask=attn_mask)
+    if row_ok is not None:
+        out = out * row_ok.transpose(1, 2).to(out.dtype)  # (1|B, sq, 1, 1)
+    return Result(out, None, None)
+
+
+def _sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    dropout_p: float,
+    is_causal: bool = False,
+    mask: object = None,
+) -> Tensor:
+    """One SDPA call on transposed views; returns flash-attn layout (contiguous, as flash-attn's is)."""
+    h, hk = q.shape[2], k.shape[2]
+    kwargs: dict[str, object] = {}
+    if h != hk:
+        # enable_gqa only where a fused kernel takes it (flash: no tensor mask, half precision for
+        # the lower-right bias); elsewhere SDPA would fall back to its math kernel, so repeat K/V.
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        if SDPA_HAS_GQA and (mask is None or (half and not isinstance(mask, Tensor))):
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = repeat_kv(k, h // hk), repeat_kv(v, h // hk)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        **kwargs,
+    )
+    return out.transpose(1, 2).contiguous()
+
+
+def _explicit(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    dropout_p: float,
+    softcap: float,
+    mask: Tensor | None,
+    bias: Tensor | None,
+    row_ok: Tensor | None,
+    want_probs: bool,
+) -> Result:
+    """Scores -> softcap -> bias/mask -> softmax -> dropout -> matmul, in float32 (float64 if given).
+
+    Without autograd and without probabilities, queries go in chunks so that memory stays bounded.
+    """
+    b, sq, h, _ = q.shape
+    sk = k.shape[1]
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    chunk = sq
+    if not needs_grad and not want_probs:
+        chunk = max(1, min(sq, _MATH_CHUNK_ELEMENTS // max(1, b * h * sk)))
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    hk = k.shape[2]
+    kt = repeat_kv(k, h // hk).transpose(1, 2).to(cdt)  # (B, H, Sk, D)
+    vt = repeat_kv(v, h // hk).transpose(1, 2).to(cdt)
+    outs, lses, probs = [], [], []
+    for start in range(0, sq, chunk):
+        stop = min(sq, start + chunk)
+        qt = q[:, start:stop].transpose(1, 2).to(cdt)
+        s = torch.matmul(qt, kt.transpose(-1, -2)) * scale
+        if softcap > 0:
+            s = torch.tanh(s / softcap) * softcap
+        if bias is not None:
+            s = s + bias[:, :, start:stop].to(cdt)
+        if mask is not None:
+            s = s.masked_fill(~mask[:, :, start:stop], _NEG_INF)
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse.unsqueeze(-1))
+        if row_ok is not None:
+            ok = row_ok[:, :, start:stop]
+            p = p * ok.to(cdt)
+            lse = lse.masked_fill(~ok.squeeze(-1), math.inf)  # flash-attn reports +inf for empty rows
+        p_used = p
+        if dropout_p > 0:
+            keep = torch.rand_like(p) >= dropout_p
+            p_used = p * keep.to(cdt) / (1.0 - dropout_p)
+            if want_probs:  # flash-attn's S_dmask: negative where dropped
+                probs.append(torch.where(keep, p, -p).to(q.dtype))
+        outs.append(torch.matmul(p_used, vt))
+        lses.append(lse)
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    lse_all = torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]
+    p_all = None
+    if want_probs and dropout_p > 0:
+        p_all = torch.cat(probs, dim=2) if len(probs) > 1 else probs[0]
+    elif want_probs:  # flash-attn returns S_dmask only when dropout is on
+        p_all = q.new_empty((0,))
+    return Result(out.transpose(1, 2).to(q.dtype).contiguous(), lse_all.to(torch.float32), p_all)
+
+
+def _empty_result(q: Tensor, v: Tensor, want_lse: bool, want_probs: bool) -> Result:
+    """No query or no key: flash-attn's answer is zeros (lse +inf), kept on the autograd graph."""
+    b, sq, h, _ = q.shape
+    out = q.new_zeros((b, sq, h, v.shape[-1]))
+    if q.requires_grad or v.requires_grad:
+        out = out + 0 * q.sum() + 0 * v.sum()
+    lse = q.new_full((b, h, sq), math.inf, dtype=torch.float32) if want_lse else None
+    probs = q.new_empty((0,)) if want_probs else None
+    return Result(out, lse, probs)

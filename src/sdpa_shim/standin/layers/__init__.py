@@ -1,0 +1,1 @@
+"""``flash_attn.layers`` of sdpa_shim's stand-in: only ``rotary`` is provided."""
