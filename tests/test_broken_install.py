@@ -1,0 +1,199 @@
+"""An installed-but-broken flash-attn (its CUDA extension fails to import) on a machine with a GPU.
+
+In 4.36-4.54 that breaks ``from transformers import LlamaForCausalLM`` itself, for every model, because
+``is_flash_attn_2_available()`` only reads metadata and the modeling modules then import flash_attn;
+4.55 prompts on stdin at the first flash forward instead. With the shim active first, transformers must
+behave as if flash-attn were not installed.
+
+Each case runs in a fresh interpreter (transformers is imported once per process). The GPU is faked:
+``torch.cuda.is_available`` returns True and ``torch.version.cuda`` is set *before* transformers is
+imported, which is all transformers' availability check reads. No CUDA kernel is ever launched: every
+model stays on the CPU and runs SDPA or eager there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import transformers
+from packaging.version import Version
+
+from fakes import BROKEN_IMPORT_ERROR, write_flash_attn_distribution
+
+TRANSFORMERS = Version(transformers.__version__)
+SRC = Path(__file__).resolve().parents[1] / "src"
+TESTS = Path(__file__).resolve().parent
+#: Releases whose plain ``from transformers import LlamaForCausalLM`` fails with a broken flash-attn.
+IMPORT_BREAKS = Version("4.55") > TRANSFORMERS
+
+FAKE_GPU = """
+    import torch
+    torch.cuda.is_available = lambda: True  # fake GPU: read by the availability check only
+    torch.version.cuda = "12.4"             # a CPU build has None; transformers <= 4.57 checks it
+    torch.cuda.current_device = lambda: 0   # what sdpa_shim's own detection asks of a usable flash-attn
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)
+    torch.cuda.get_device_name = lambda device=None: "fake H100 (no kernel is ever launched)"
+"""
+
+#: ``Model(config)``, not ``from_pretrained``: 5.x builds on the meta device, and the shim then probes SDPA
+#: on the (fake) CUDA device, where it cannot run, so it would rightly choose eager there.
+LOAD_AND_RUN = """
+    import json
+    import sdpa_shim
+    from models import tiny_llama_config, input_ids
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(attn_implementation="flash_attention_2"))
+    sdpa_shim.deactivate()
+    reference = LlamaForCausalLM(tiny_llama_config(attn_implementation="sdpa"))
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        same = torch.equal(model(input_ids()).logits, reference(input_ids()).logits)
+    print(json.dumps({
+        "chosen": model.config._attn_implementation,
+        "same_logits": same,
+        "decisions": [[d.model, d.requested, d.chosen, d.reason] for d in sdpa_shim.decisions()],
+    }))
+"""
+
+
+def run_python(code: str, site: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """A fresh interpreter with the broken flash-attn on its path and stdin closed (a prompt would fail)."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [str(site), str(SRC), str(TESTS), environment.get("PYTHONPATH", "")]
+    )
+    for name in ("SDPA_SHIM", "SDPA_SHIM_FALLBACK", "SDPA_SHIM_BACKEND", "SDPA_SHIM_STANDIN", "CI"):
+        environment.pop(name, None)
+    script = textwrap.dedent(FAKE_GPU) + textwrap.dedent(code)
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def broken_site(tmp_path_factory) -> Path:
+    return write_flash_attn_distribution(tmp_path_factory.mktemp("site"), "broken")
+
+
+def _shim_warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("WARNING:sdpa_shim")]
+
+
+LOG_SETUP = "import logging; logging.basicConfig(level=logging.WARNING)\n"
+
+
+def test_shim_first_import_load_and_run_work(broken_site):
+    import json
+
+    result = run_python(LOG_SETUP + "import sdpa_shim\n" + textwrap.dedent(LOAD_AND_RUN), broken_site)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["chosen"] == "sdpa"
+    assert report["same_logits"] is True
+    [[model, requested, chosen, reason]] = report["decisions"]
+    assert (model, requested, chosen) == ("LlamaForCausalLM", "flash_attention_2", "sdpa")
+    assert reason == f"flash_attn import failed: ImportError: {BROKEN_IMPORT_ERROR}"
+    assert len(_shim_warnings(result.stderr)) == 1, result.stderr[-3000:]
+
+
+def test_without_the_shim_the_import_fails_where_documented(broken_site):
+    """The control: this is the failure the shim removes (4.36-4.54), and 4.55+ import fine."""
+    result = run_python(
+        """
+        try:
+            from transformers import LlamaForCausalLM
+        except Exception as error:
+            print("FAILED", type(error).__name__, error)
+        else:
+            print("IMPORTED")
+        """,
+        broken_site,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    if IMPORT_BREAKS:
+        assert result.stdout.startswith("FAILED"), result.stdout
+        assert "undefined symbol" in result.stdout
+    else:
+        assert result.stdout.strip() == "IMPORTED"
+
+
+def test_every_model_module_imports_with_the_shim(broken_site):
+    """Not only Llama: a model never asked for flash attention must import too (it did not, before)."""
+    result = run_python(
+        """
+        import sdpa_shim
+        from transformers import LlamaForCausalLM, MistralForCausalLM, GPT2LMHeadModel, BertModel
+        from transformers.utils import import_utils
+        print("IMPORTED", import_utils.is_flash_attn_2_available())
+        """,
+        broken_site,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "IMPORTED False"
+
+
+@pytest.mark.skipif(IMPORT_BREAKS, reason="before 4.55 the plain import already fails (see above)")
+def test_flash_request_fails_without_the_shim_and_never_prompts_with_it(broken_site):
+    """4.55.0 asked ``input(...)`` at the first flash forward when flash_attn failed to import (with stdin
+    closed: EOFError); 4.55.4+ raise the ImportError at construction. With the shim: SDPA, no prompt."""
+    forward = """
+        from models import tiny_llama_config, input_ids
+        from transformers import LlamaForCausalLM
+        try:
+            model = LlamaForCausalLM(tiny_llama_config(attn_implementation="flash_attention_2"))
+            model(input_ids())
+        except EOFError:
+            print("PROMPTED")
+        except ImportError as error:
+            print("FAILED", error)
+        else:
+            print("RAN", model.config._attn_implementation)
+    """
+    plain = run_python(forward, broken_site)
+    assert plain.stdout.startswith(("PROMPTED", "FAILED")), plain.stdout + plain.stderr[-3000:]
+    shimmed = run_python("import sdpa_shim\n" + textwrap.dedent(forward), broken_site)
+    assert shimmed.stdout.strip() == "RAN sdpa", shimmed.stderr[-3000:]
+
+
+def test_late_activation_says_how_to_fix(broken_site):
+    result = run_python(
+        LOG_SETUP
+        + """
+import transformers
+import sdpa_shim
+from transformers import LlamaForCausalLM
+print("IMPORTED")
+""",
+        broken_site,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "IMPORTED" in result.stdout
+    [warning] = _shim_warnings(result.stderr)
+    assert "activated after transformers was imported" in warning
+    assert "import sdpa_shim before transformers" in warning
+
+
+def test_usable_flash_attn_is_never_hidden(tmp_path):
+    """The availability wrapper only answers False for an import that fails."""
+    site = write_flash_attn_distribution(tmp_path / "site", "usable", version="2.7.4")
+    result = run_python(
+        """
+        import sdpa_shim
+        from transformers.utils import import_utils
+        print(import_utils.is_flash_attn_2_available())
+        """,
+        site,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "True"
