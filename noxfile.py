@@ -53,7 +53,7 @@ UNSUPPORTED: dict[str, str] = {}
 NEWEST = "5.23"
 
 TORCH = "2.13.0"
-TEST_DEPENDENCIES = ("pytest>=7", "hypothesis>=6", "packaging")
+TEST_DEPENDENCIES = ("pytest>=7", "hypothesis>=6", "packaging", "setuptools>=68", "wheel")
 ROOT = Path(__file__).resolve().parent
 
 nox.options.sessions = ["tests"]
@@ -95,8 +95,11 @@ def _run_suite(session: nox.Session, minor: str) -> None:
     release = RELEASES[minor]
     layer = _torch_layer(session)
     constraints = _link_torch(session, layer)
-    session.install("--constraint", str(constraints), f"transformers=={release}", *TEST_DEPENDENCIES)
-    session.install("--constraint", str(constraints), "-e", ".")
+    # One resolve: the release, the project (editable) with its test extra, and what the install tests
+    # build wheels with (pyproject's build requirements, used with --no-build-isolation).
+    session.install(
+        "--constraint", str(constraints), f"transformers=={release}", "-e", ".[test]", *TEST_DEPENDENCIES
+    )
     session.run(
         "python",
         "-c",
@@ -122,4 +125,3 @@ def tests(session: nox.Session, transformers: str) -> None:
 def newest(session: nox.Session) -> None:
     """Fast dev loop: the whole test suite against the newest release only."""
     _run_suite(session, NEWEST)
-
