@@ -11,8 +11,9 @@ What goes around that choke point, and how each rewrite closes it:
 * Band B only: a config that already built one model carries ``_attn_implementation_autoset = True`` and
   every caller (``__init__``, ``_from_config``, ``from_pretrained``) then skips validation altogether, so a
   flash request on a re-used config would silently build a FlashAttention model. All three callers end in
-  ``PreTrainedModel.__init__`` with that config, so one rewrite there clears the flag in place (the object
-  is shared with the sub-modules, so a copy would not reach them) and lets the hooked autoset run.
+  ``PreTrainedModel.__init__`` with that config, so one rewrite there decides the request, rewrites it in
+  place (the object is shared with the sub-modules, so a copy would not reach them) and clears the flag
+  so that transformers' autoset applies it.
 * 4.53 dropped ``use_flash_attention_2`` and raises ``TypeError`` for it; when the shim downgrades such a
   request it pops the flag in ``from_pretrained`` / ``_from_config`` so it never reaches the model.
 
@@ -99,25 +100,34 @@ def rewrite_autoset(cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     return (args, kwargs) if _rewrite_request(cls, config) else None
 
 
-def _has_flash_value(requested: object) -> bool:
-    if isinstance(requested, dict):
-        return any(flash_implementation(value) for value in requested.values())
-    return flash_implementation(requested) is not None
+def _any_unusable_flash_value(requested: dict[Any, Any]) -> bool:
+    """True when some value of a dict request asks for a flash implementation that cannot run here."""
+    from ._detect import flash_status
+
+    implementations = {flash_implementation(value) for value in requested.values()}
+    return any(not flash_status(name).usable for name in implementations if name is not None)
 
 
 def rewrite_init(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Args | None:
-    """Band B ``PreTrainedModel.__init__(self, config, ...)``: re-open validation for a re-used config.
+    """Band B ``PreTrainedModel.__init__(self, config, ...)``: validate a re-used config after all.
 
     Only when the config was already validated (the flag is set, so transformers would skip the check)
-    and still carries a flash request: the flag is cleared in place so the hooked autoset decides it.
-    Clearing it for a request the shim leaves alone would only re-run transformers' own validation.
+    and still carries a flash request the shim downgrades: the request is rewritten in place (the config
+    object is shared with the sub-modules, so a copy would not reach them) and the flag cleared, so
+    transformers' autoset applies the rewritten request as it did the first time. A request the shim
+    leaves alone keeps the flag: transformers behaves exactly as without the shim.
     """
     config = _config_argument(args, kwargs)
     if config is None or not vars(config).get(AUTOSET_FLAG, False):
         return None
-    if not _has_flash_value(_request_of(config)):
-        return None
-    config._attn_implementation_autoset = False
+    requested = _request_of(config)
+    if isinstance(requested, dict):
+        # Sub-config entries are decided by the sub-model classes, once autoset hands them down.
+        changed = _rewrite_request(type(model), config) or _any_unusable_flash_value(requested)
+    else:
+        changed = _rewrite_request(type(model), config)
+    if changed:
+        config._attn_implementation_autoset = False
     return None
 
 
