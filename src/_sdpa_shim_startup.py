@@ -1,0 +1,26 @@
+"""PEP 829 entry point of sdpa_shim (named in ``sdpa_shim.start``; Python 3.15+).
+
+It lives outside the ``sdpa_shim`` package on purpose: importing anything inside the package runs
+``sdpa_shim/__init__.py``, which activates the shim. Here, with ``SDPA_SHIM`` unset or off, start-up
+costs one environment lookup and imports nothing of ours, exactly like the ``sdpa_shim.pth`` line
+that older Pythons run instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_TRUE_VALUES = ("1", "true", "on", "yes")  # sdpa_shim._settings.TRUE_VALUES, repeated to stay import-free
+
+
+def main() -> None:
+    """Activate sdpa_shim when ``SDPA_SHIM`` is a true value. Never raises."""
+    if os.environ.get("SDPA_SHIM", "").strip().lower() not in _TRUE_VALUES:
+        return
+    try:
+        from sdpa_shim._startup import activate
+
+        activate()
+    except Exception as exc:
+        sys.stderr.write(f"sdpa_shim: startup activation failed: {exc!r}\n")

@@ -1,0 +1,341 @@
+"""``sdpa-shim doctor | run | demo`` and ``python -m sdpa_shim``: output, exit statuses, errors.
+
+Most checks call the CLI in-process (torch and transformers are already imported); a few run it as
+a user would, in a fresh interpreter or through the console script of a throwaway venv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from fakes import BROKEN_IMPORT_ERROR, forget_flash_attn, write_flash_attn_distribution
+from sdpa_shim import _cli, _startup
+from sdpa_shim.__main__ import main
+from test_startup import (  # noqa: F401 - transformers_supported is named in a skip condition
+    SRC,
+    WARNING,
+    clean_env,
+    flash_attn_usable_here,
+    installed,
+    shim_warnings,
+    source_env,
+    tiny_model,
+    transformers_supported,
+)
+
+BROKEN_REASON = f"flash_attn import failed: ImportError: {BROKEN_IMPORT_ERROR}"
+
+needs_downgrade = pytest.mark.skipif(
+    "flash_attn_usable_here() or not transformers_supported()",
+    reason="needs an unusable flash-attn and a transformers release the core hooks",
+)
+
+
+@pytest.fixture
+def broken_flash_attn(tmp_path, monkeypatch):
+    """A fake flash_attn whose import fails with the ``undefined symbol`` error (tests/fakes.py)."""
+    root = write_flash_attn_distribution(tmp_path / "site", "broken")
+    monkeypatch.syspath_prepend(str(root))
+    forget_flash_attn()
+    yield root
+    forget_flash_attn()
+
+
+@pytest.fixture
+def no_startup_file(monkeypatch):
+    """This interpreter as if no start-up file were installed (CI may have one from `pip install -e`)."""
+    monkeypatch.setattr(_startup, "installed_startup_files", lambda: [])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return tiny_model(tmp_path_factory)
+
+
+def doctor(capsys, *args: str) -> tuple[int, str]:
+    status = main(["doctor", *args])
+    return status, capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+@needs_downgrade
+def test_doctor_text_with_flash_attn_missing(capsys):
+    status, out = doctor(capsys)
+    assert status == 0
+    assert "flash_attention_2  not usable: flash-attn is not installed" in out
+    assert "LlamaForCausalLM: flash_attention_2 -> sdpa (flash-attn is not installed)" in out
+    for section in ("Versions", "CUDA", "Flash attention", "SDPA backends", "Environment", "Shim"):
+        assert f"\n{section}" in out
+    assert "MATH cpu/float32" in out and "works" in out
+    assert "SDPA_SHIM " in out and "start-up file" in out
+    assert out.rstrip().endswith("OK: sdpa_shim can do its job here.")
+
+
+@needs_downgrade
+def test_doctor_json_with_broken_flash_attn_quotes_the_reason(capsys, broken_flash_attn):
+    status, out = doctor(capsys, "--json")
+    report = json.loads(out)
+    assert status == 0 and report["ok"] is True and report["problems"] == []
+    fa2 = report["flash_attention"]["flash_attention_2"]
+    assert fa2 == {"usable": False, "reason": BROKEN_REASON, "version": "2.7.4"}
+    assert report["versions"]["flash-attn"] == "2.7.4"
+    assert report["request"]["becomes"] == "sdpa"
+    assert report["request"]["reason"] == BROKEN_REASON
+    assert {"torch", "transformers", "wrapt", "python"} <= set(report["versions"])
+    assert any(r["backend"] == "MATH" and r["works"] for r in report["sdpa_backends"]["results"])
+    assert [row["name"] for row in report["environment"]] == [
+        "SDPA_SHIM",
+        "SDPA_SHIM_FALLBACK",
+        "SDPA_SHIM_BACKEND",
+        "SDPA_SHIM_STANDIN",
+    ]
+    assert report["shim"]["active"] is True and report["shim"]["patched"]
+
+
+@needs_downgrade
+def test_doctor_text_with_broken_flash_attn_quotes_the_reason(capsys, broken_flash_attn):
+    status, out = doctor(capsys)
+    assert status == 0
+    assert f"flash_attention_2  not usable: {BROKEN_REASON}\n" in out
+    assert f"flash_attention_2 -> sdpa ({BROKEN_REASON})" in out
+
+
+def test_doctor_fails_when_sdpa_shim_1_has_no_startup_file(capsys, monkeypatch, no_startup_file):
+    monkeypatch.setenv("SDPA_SHIM", "1")
+    status, out = doctor(capsys)
+    assert status == 1
+    assert "PROBLEM: SDPA_SHIM is on but no sdpa_shim start-up file is installed for this Python" in out
+    assert out.rstrip().endswith("FAILED: 1 problem with sdpa_shim's own set-up.")
+
+
+def test_doctor_fails_without_wrapt(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wrapt", None)  # `import wrapt` now raises ImportError
+    status, out = doctor(capsys, "--json")
+    report = json.loads(out)
+    assert status == 1 and report["ok"] is False
+    assert report["problems"][0].startswith("wrapt cannot be imported (ModuleNotFoundError")
+
+
+def test_doctor_fails_on_invalid_variables_and_names_them(capsys, monkeypatch):
+    monkeypatch.setenv("SDPA_SHIM_FALLBACK", "fast")
+    status, out = doctor(capsys)
+    assert status == 1
+    assert "SDPA_SHIM_FALLBACK   'fast'   INVALID (accepted: sdpa/eager); treated as unset" in out
+    assert "PROBLEM: SDPA_SHIM_FALLBACK='fast' is not valid; accepted: sdpa/eager" in out
+
+
+def test_doctor_reports_off_without_failing(capsys, monkeypatch):
+    monkeypatch.setenv("SDPA_SHIM", "0")
+    status, out = doctor(capsys, "--json")
+    report = json.loads(out)
+    assert status == 0
+    assert report["environment"][0]["value"] == "0"
+    assert report["request"]["becomes"] == "flash_attention_2"
+    assert "SDPA_SHIM is off" in report["request"]["reason"]
+
+
+@pytest.mark.slow
+@needs_downgrade
+def test_python_m_doctor_json_in_a_fresh_interpreter(tmp_path):
+    """As a user runs it: the reason verbatim, exit 0; a bad variable: exit 1 with the message."""
+    root = write_flash_attn_distribution(tmp_path / "site", "broken")
+    env = clean_env(PYTHONPATH=os.pathsep.join([str(SRC), str(root)]))
+    result = subprocess.run(
+        [sys.executable, "-m", "sdpa_shim", "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["flash_attention"]["flash_attention_2"]["reason"] == BROKEN_REASON
+    assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- argument errors
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "doctor" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["cure"], "invalid choice: 'cure'"),
+        (["run"], "run needs a command, e.g.: run -- python train.py"),
+        (["run", "--"], "run needs a command"),
+        (["doctor", "--yaml"], "unrecognized arguments: --yaml"),
+        (["demo", "--device", "tpu"], "invalid choice: 'tpu'"),
+    ],
+)
+def test_argument_errors_are_one_line_with_usage(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage:")
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("sdpa_shim ")
+
+
+# --------------------------------------------------------------------------- run
+
+
+def test_run_command_not_found_exits_127(capsys):
+    assert main(["run", "--", "no-such-command-for-sdpa-shim"]) == 127
+    assert capsys.readouterr().err == "sdpa-shim run: command not found: no-such-command-for-sdpa-shim\n"
+
+
+def test_run_environment_with_and_without_a_startup_file(monkeypatch, no_startup_file):
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    env = _cli.command_environment()
+    assert env["SDPA_SHIM"] == "1"
+    first, rest = env["PYTHONPATH"].split(os.pathsep, 1)
+    assert rest == "/somewhere"
+    assert os.path.isfile(os.path.join(first, "sitecustomize.py"))
+    assert _cli.command_environment(env)["PYTHONPATH"] == env["PYTHONPATH"]  # nested runs: no duplicate
+    monkeypatch.setattr(_startup, "installed_startup_files", lambda: ["/site/sdpa_shim.pth"])
+    assert _cli.command_environment()["PYTHONPATH"] == "/somewhere"
+
+
+def test_run_passes_the_exit_status_and_activates_without_torch(tmp_path):
+    code = "import os, sys; print(os.environ['SDPA_SHIM'], sys.modules['sdpa_shim'].is_active()); sys.exit(7)"
+    result = subprocess.run(
+        [sys.executable, "-m", "sdpa_shim", "run", "--", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=source_env(),
+        timeout=60,
+    )
+    assert result.returncode == 7, result.stderr
+    assert result.stdout.split() == ["1", "True"]
+
+
+PARENT_SCRIPT = """
+import subprocess, sys
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation="flash_attention_2")
+print("parent:", model.config._attn_implementation, flush=True)
+child = subprocess.run([sys.executable, "-c", {child!r}, sys.argv[1]])
+sys.exit(3 if child.returncode == 0 else child.returncode)
+"""
+CHILD = """
+import sys
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation="flash_attention_2")
+print("child:", model.config._attn_implementation, flush=True)
+"""
+
+
+def _check_parent_and_child(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.split() == ["parent:", "sdpa", "child:", "sdpa"]
+    assert shim_warnings(result.stderr) == [WARNING, WARNING]  # one per process
+
+
+@pytest.mark.slow
+@needs_downgrade
+def test_run_reaches_child_processes_without_a_startup_file(tmp_path, tiny_model_dir):
+    """Source checkout: no .pth anywhere, so run's sitecustomize carries the shim into both processes."""
+    script = tmp_path / "script.py"
+    script.write_text(PARENT_SCRIPT.format(child=CHILD))
+    if _startup.startup_installed():
+        pytest.skip("this Python has a start-up file installed; the venv test covers that route")
+    result = subprocess.run(
+        [sys.executable, "-m", "sdpa_shim", "run", "--", sys.executable, str(script), str(tiny_model_dir)],
+        capture_output=True,
+        text=True,
+        env=source_env(),
+        timeout=180,
+    )
+    _check_parent_and_child(result)
+
+
+@pytest.mark.slow
+@needs_downgrade
+def test_console_script_run_reaches_child_processes_in_an_install(tmp_path, tmp_path_factory, tiny_model_dir):
+    """Installed wheel: ``sdpa-shim run`` only sets SDPA_SHIM=1; the .pth does the rest everywhere."""
+    install = installed("wheel", tmp_path_factory)
+    script = tmp_path / "script.py"
+    script.write_text(PARENT_SCRIPT.format(child=CHILD))
+    command = [
+        str(install.script("sdpa-shim")),
+        "run",
+        "--",
+        str(install.python),
+        str(script),
+        str(tiny_model_dir),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=clean_env(), timeout=180)
+    _check_parent_and_child(result)
+
+
+@pytest.mark.slow
+@needs_downgrade
+def test_console_script_doctor_sees_startup_activation(tmp_path_factory):
+    install = installed("wheel", tmp_path_factory)
+    result = subprocess.run(
+        [str(install.script("sdpa-shim")), "doctor"],
+        capture_output=True,
+        text=True,
+        env=clean_env(SDPA_SHIM="1"),
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"\n  active here +yes \(at Python start\)\n", result.stdout)
+    assert re.search(
+        rf"\n  start-up file +installed \({re.escape(str(install.site_packages))}/sdpa_shim.pth, ",
+        result.stdout,
+    )
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@needs_downgrade
+def test_demo_on_cpu(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "Decision: flash_attention_2 -> sdpa (flash-attn is not installed)" in out
+    assert "Attention in use: sdpa" in out
+    assert "Forward: input (1, 8) -> logits (1, 8, 128) float32 on cpu, all finite" in out
+    assert out.rstrip().endswith("Demo OK.")
+
+
+def test_demo_without_the_shim_shows_transformers_error_in_one_line(capsys):
+    import sdpa_shim
+
+    if flash_attn_usable_here():
+        pytest.skip("flash-attn is usable here")
+    sdpa_shim.deactivate()
+    assert main(["demo", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Loading failed: ImportError: ")
+    assert "Traceback" not in err
+
+
+def test_demo_cuda_requested_without_a_device(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert main(["demo", "--device", "cuda"]) == 1
+    assert "torch sees no CUDA device" in capsys.readouterr().err

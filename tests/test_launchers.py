@@ -1,0 +1,82 @@
+"""Multi-process launchers: ``torchrun`` and ``accelerate launch`` start two CPU ranks (gloo) of
+examples/launcher_script.py, which never imports sdpa_shim. With ``SDPA_SHIM=1`` in the environment
+and sdpa_shim installed (the session's wheel venv), every rank loads its flash_attention_2 model on
+SDPA and logs the decision exactly once.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+
+from test_startup import (  # noqa: F401 - the last two are named in the skip condition below
+    ROOT,
+    WARNING,
+    clean_env,
+    flash_attn_usable_here,
+    installed,
+    transformers_supported,
+)
+
+SCRIPT = ROOT / "examples" / "launcher_script.py"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        "flash_attn_usable_here() or not transformers_supported()",
+        reason="needs an unusable flash-attn and a transformers release the core hooks",
+    ),
+]
+
+
+def launch(tmp_path_factory, launcher: list[str]):
+    install = installed("wheel", tmp_path_factory)
+    env = clean_env(SDPA_SHIM="1", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    return install.run(["-m", *launcher, str(SCRIPT)], env, timeout=150)
+
+
+def check_ranks(result) -> None:
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert ranks == [
+        f"rank {rank}/2: attention=sdpa logits=(1, 8, 128) same_on_all_ranks=True sdpa_shim=active"
+        for rank in (0, 1)
+    ], f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    warnings = [
+        line.split("]:", 1)[-1].strip() for line in result.stderr.splitlines() if "sdpa_shim:" in line
+    ]
+    assert warnings == [WARNING, WARNING]  # once per rank
+
+
+def test_the_script_never_imports_the_shim():
+    tree = ast.parse(SCRIPT.read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not any(name.split(".")[0] == "sdpa_shim" for name in imported)
+    assert "import_module" not in SCRIPT.read_text()
+
+
+def test_torchrun_two_cpu_ranks(tmp_path_factory):
+    result = launch(tmp_path_factory, ["torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    check_ranks(result)
+
+
+def test_accelerate_launch_two_cpu_processes(tmp_path_factory):
+    pytest.importorskip("accelerate")
+    # accelerate starts several local processes through torch elastic (its --multi_gpu path, which
+    # also runs CPU ranks); `--cpu --num_processes 2` alone runs a single process unless mpirun is set up.
+    launcher = [
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    result = launch(tmp_path_factory, launcher)
+    check_ranks(result)
