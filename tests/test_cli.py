@@ -204,12 +204,14 @@ def test_run_command_not_found_exits_127(capsys):
     assert capsys.readouterr().err == "sdpa-shim run: command not found: no-such-command-for-sdpa-shim\n"
 
 
-def test_run_environment_with_and_without_a_startup_file(monkeypatch, no_startup_file):
+def test_run_environment_with_and_without_a_startup_file(monkeypatch, tmp_path, no_startup_file):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", "/somewhere")
     env = _cli.command_environment()
     assert env["SDPA_SHIM"] == "1"
     first, rest = env["PYTHONPATH"].split(os.pathsep, 1)
     assert rest == "/somewhere"
+    assert first == str(tmp_path / "sdpa_shim" / first.rsplit(os.sep, 1)[1])
     assert os.path.isfile(os.path.join(first, "sitecustomize.py"))
     assert _cli.command_environment(env)["PYTHONPATH"] == env["PYTHONPATH"]  # nested runs: no duplicate
     monkeypatch.setattr(_startup, "installed_startup_files", lambda: ["/site/sdpa_shim.pth"])
@@ -222,7 +224,7 @@ def test_run_passes_the_exit_status_and_activates_without_torch(tmp_path):
         [sys.executable, "-m", "sdpa_shim", "run", "--", sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        env=source_env(),
+        env=source_env(XDG_CACHE_HOME=str(tmp_path)),
         timeout=60,
     )
     assert result.returncode == 7, result.stderr
@@ -263,7 +265,7 @@ def test_run_reaches_child_processes_without_a_startup_file(tmp_path, tiny_model
         [sys.executable, "-m", "sdpa_shim", "run", "--", sys.executable, str(script), str(tiny_model_dir)],
         capture_output=True,
         text=True,
-        env=source_env(),
+        env=source_env(XDG_CACHE_HOME=str(tmp_path)),
         timeout=180,
     )
     _check_parent_and_child(result)

@@ -45,6 +45,7 @@ def build_parser(prog: str = "sdpa-shim") -> argparse.ArgumentParser:
     run.add_argument(
         "argv", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS ...]", help="the command to run, after `--`"
     )
+    run.set_defaults(run_parser=run)  # its own usage line for "run needs a command"
     demo = commands.add_parser(
         "demo",
         help="load a tiny random Llama with flash_attention_2 and run a forward pass (offline)",
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.command == "run":
         command = options.argv[1:] if options.argv[:1] == ["--"] else options.argv
         if not command:
-            _subparser(parser, "run").error("run needs a command, e.g.: run -- python train.py")
+            options.run_parser.error("run needs a command, e.g.: run -- python train.py")
         return run(command)
     if options.command == "demo":
         from . import _demo
@@ -86,13 +87,6 @@ def main(argv: list[str] | None = None) -> int:
         return _demo.main(device=options.device, dtype=options.dtype)
     parser.print_help(sys.stderr)
     return 2
-
-
-def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
-    for action in parser._subparsers._group_actions if parser._subparsers else ():
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices[name]
-    return parser
 
 
 def _prog_name() -> str:
