@@ -1,21 +1,24 @@
 """The transformers version matrix: the whole test suite against every supported release, CPU torch 2.13.0.
 
-    nox                      # the matrix: every release in RELEASES (what .ci/run runs)
-    nox -s newest            # fast dev loop: the newest release only
-    nox -s "tests(transformers='4.46')"   # one release
-    nox -r ...               # re-use the environments of an earlier run (skips installs)
+    python -m pip install torch==2.13.0 nox     # once, into the base interpreter (what .ci/run does)
+    python -m nox                               # the matrix: every release in RELEASES
+    python -m nox -s newest                     # fast dev loop: the newest release only
+    python -m nox -s "tests(transformers='4.46')"   # one release
+    python -m nox -r ...                        # re-use the environments of an earlier run
 
 Why it is built this way (2 cores, clean box, under 60 minutes):
 
-* torch is installed once, into ``.nox/_torch-<version>`` with ``pip install --target``, and every session's
-  venv reads it through a ``.pth`` file appended after its own site-packages. ``--system-site-packages`` is
-  not enough: a venv made from a venv inherits the *base* interpreter's site-packages (not the outer
-  venv's), and the base interpreter's own packages (numpy, pytest, ...) would then leak into each release.
-  With the layer, each release's own transformers/tokenizers/huggingface_hub/numpy win, torch is shared,
-  and a constraint file pins torch so pip can never pull a CUDA build.
+* torch is installed once, in the base interpreter, and shared: every session venv is created with
+  ``--system-site-packages`` from that base interpreter (``sys.base_prefix``: a venv made from a venv
+  would inherit the base's site-packages anyway, never the outer venv's). Each release's transformers,
+  tokenizers, huggingface_hub and test tools are installed into its own venv and win over the base's.
+  A constraint file pins torch==2.13.0 so pip can never pull a CUDA build.
 * pip's wheel cache (the default ``~/.cache/pip``) is shared by all sessions: only the first download costs.
-* Every session runs the whole ``tests/`` directory; files for features a release does not have skip
-  themselves with a reason, so a release only runs what its band needs.
+* sdpa_shim itself is not installed: ``PYTHONPATH=src`` (the install tests build their own throwaway venvs
+  and check that the test interpreter has no start-up file).
+* Every session runs ``tests/``; files for features a release does not have skip themselves with a
+  reason. Files listed in RELEASE_INDEPENDENT run only in the newest release's session, so the matrix
+  runs twice only what depends on the release.
 * A release that cannot be installed or imported goes into UNSUPPORTED with the reason: its session is
   reported as skipped with that reason, and ``docs/versions.md`` (checked by tests/test_versions_table.py)
   shows it. An unexpected install failure fails the session; it is never skipped silently.
@@ -25,6 +28,7 @@ Measured: (filled in below after a full run)
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import nox
@@ -51,9 +55,35 @@ RELEASES: dict[str, str] = {
 #: minor -> why that release cannot be installed or imported here (torch 2.13.0 CPU, Python 3.11).
 UNSUPPORTED: dict[str, str] = {}
 NEWEST = "5.23"
+#: Test files whose subject does not depend on the transformers release (pure policy, the stand-in's
+#: numerics, CLI / start-up / launcher / notebook plumbing): they run once, in the newest release's
+#: session, and every other session ignores them. Everything about attention selection runs everywhere.
+RELEASE_INDEPENDENT = (
+    "tests/test_policy.py",
+    "tests/test_standin.py",
+    "tests/test_cli.py",
+    "tests/test_startup.py",
+    "tests/test_launchers.py",
+    "tests/test_notebooks.py",
+)
 
 TORCH = "2.13.0"
-TEST_DEPENDENCIES = ("pytest>=7", "hypothesis>=6", "packaging", "setuptools>=68", "wheel")
+#: The test extra of pyproject.toml (less ruff) plus what the install tests build wheels with
+#: (pyproject's build requirements, used there with --no-build-isolation).
+TEST_DEPENDENCIES = (
+    "wrapt>=1.14,!=2.2.0",
+    "pytest>=7",
+    "hypothesis>=6",
+    "packaging",
+    "accelerate",
+    "setuptools>=68",
+    "wheel",
+)
+CHECK_TORCH = (
+    "import sys, torch; v = torch.__version__.split('+')[0]; "
+    f"sys.exit(None if v == {TORCH!r} else f'torch {{torch.__version__}} in the base interpreter; '"
+    f"'run: python -m pip install torch=={TORCH}')"
+)
 ROOT = Path(__file__).resolve().parent
 
 nox.options.sessions = ["tests"]
@@ -61,29 +91,17 @@ nox.options.default_venv_backend = "venv"
 nox.options.error_on_missing_interpreters = True
 
 
-def _torch_layer(session: nox.Session) -> Path:
-    """``.nox/_torch-<version>``: torch and its dependencies, installed once for every session."""
-    layer = ROOT / ".nox" / f"_torch-{TORCH}"
-    if (layer / ".complete").exists():
-        return layer
-    staging = layer.with_name(layer.name + ".partial")
-    session.run("rm", "-rf", str(staging), external=True)
-    session.run(
-        "python", "-m", "pip", "install", "--quiet", "--target", str(staging), f"torch=={TORCH}", silent=False
-    )
-    session.run("rm", "-rf", str(layer), external=True)
-    staging.rename(layer)
-    (layer / ".complete").write_text(TORCH + "\n")
-    return layer
+def _base_python() -> str:
+    """The base interpreter (where torch is installed), even when nox itself runs in a venv."""
+    for name in ("python3", "python"):
+        candidate = Path(sys.base_prefix, "bin", name)
+        if candidate.exists():
+            return str(candidate)
+    return sys.executable
 
 
-def _link_torch(session: nox.Session, layer: Path) -> Path:
-    """Append the torch layer to this venv's ``sys.path``; return a pip constraint file pinning torch."""
-    purelib = session.run(
-        "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True
-    )
-    assert isinstance(purelib, str)
-    Path(purelib.strip(), "_sdpa_shim_torch_layer.pth").write_text(f"{layer}\n")
+def _constraints(session: nox.Session) -> Path:
+    """A pip constraint file pinning torch, so no requirement can pull another (CUDA) build."""
     constraints = Path(session.create_tmp()) / "constraints.txt"
     constraints.write_text(f"torch=={TORCH}\n")
     return constraints
@@ -93,13 +111,10 @@ def _run_suite(session: nox.Session, minor: str) -> None:
     if minor in UNSUPPORTED:
         session.skip(f"transformers {minor} is unsupported: {UNSUPPORTED[minor]}")
     release = RELEASES[minor]
-    layer = _torch_layer(session)
-    constraints = _link_torch(session, layer)
-    # One resolve: the release, the project (editable) with its test extra, and what the install tests
-    # build wheels with (pyproject's build requirements, used with --no-build-isolation).
-    session.install(
-        "--constraint", str(constraints), f"transformers=={release}", "-e", ".[test]", *TEST_DEPENDENCIES
-    )
+    constraints = _constraints(session)
+    # torch comes from the base interpreter; check it is the pinned CPU build before installing anything.
+    session.run("python", "-c", CHECK_TORCH, silent=True)
+    session.install("--constraint", str(constraints), f"transformers=={release}", *TEST_DEPENDENCIES)
     session.run(
         "python",
         "-c",
@@ -107,21 +122,23 @@ def _run_suite(session: nox.Session, minor: str) -> None:
         "print('transformers', transformers.__version__, 'torch', torch.__version__)",
     )
     env = {
+        "PYTHONPATH": str(ROOT / "src"),
         "SDPA_SHIM_MATRIX_RELEASE": release,  # tests/test_versions_table.py checks it is what got installed
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *session.posargs, env=env)
+    once = [] if minor == NEWEST else [f"--ignore={path}" for path in RELEASE_INDEPENDENT]
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *once, *session.posargs, env=env)
 
 
-@nox.session(tags=["matrix"])
+@nox.session(python=_base_python(), venv_params=["--system-site-packages"], tags=["matrix"])
 @nox.parametrize("transformers", list(RELEASES))
 def tests(session: nox.Session, transformers: str) -> None:
     """The whole test suite against one transformers release (every release: the matrix)."""
     _run_suite(session, transformers)
 
 
-@nox.session
+@nox.session(python=_base_python(), venv_params=["--system-site-packages"])
 def newest(session: nox.Session) -> None:
     """Fast dev loop: the whole test suite against the newest release only."""
     _run_suite(session, NEWEST)
