@@ -67,11 +67,12 @@ def main() -> int:
         dist.all_gather(gathered, checksum)
         same = all(torch.equal(g, gathered[0]) for g in gathered)
     shim = "active" if "sdpa_shim" in sys.modules else "not loaded"
-    print(
+    line = (
         f"rank {rank}/{world_size}: attention={model.config._attn_implementation} "
-        f"logits={tuple(logits.shape)} same_on_all_ranks={same} sdpa_shim={shim}",
-        flush=True,
+        f"logits={tuple(logits.shape)} same_on_all_ranks={same} sdpa_shim={shim}\n"
     )
+    sys.stdout.write(line)  # one write: print() writes the newline separately, and ranks share stdout
+    sys.stdout.flush()
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0 if same and bool(torch.isfinite(logits).all()) else 1

@@ -46,7 +46,8 @@ def check_ranks(result) -> None:
     assert result.returncode == 0, output
     ranks = sorted(
         re.findall(
-            r"rank \d/2: attention=\S+ logits=\([^)]*\) same_on_all_ranks=\S+ sdpa_shim=\S+", result.stdout
+            r"rank \d/2: attention=\S+ logits=\([^)]*\) same_on_all_ranks=\w+ sdpa_shim=[\w ]+?(?=rank|\n|$)",
+            result.stdout,
         )
     )
     assert ranks == [
