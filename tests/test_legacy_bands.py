@@ -283,6 +283,32 @@ def test_hooked_methods_are_the_band_a_b_choke_points():
     assert ("PreTrainedModel.from_pretrained" in patched) == (not HAS_USE_FA2)
 
 
+def _usable_flash(monkeypatch):
+    from sdpa_shim import _detect
+
+    usable = _detect.FlashStatus("flash_attention_2", True, "", "2.7.4")
+    monkeypatch.setitem(_detect._cache, "flash_attention_2", usable)
+
+
+def test_usable_flash_in_half_precision_is_left_to_transformers(monkeypatch):
+    """Detection faked usable: autoset's ``torch_dtype`` (the dtype the model is built in) is what counts,
+    not a float32 config, so the request reaches transformers, whose own check then fails on this CPU."""
+    _usable_flash(monkeypatch)
+    config = tiny_llama_config(attn_implementation="flash_attention_2", torch_dtype="float32")
+    with pytest.raises((ImportError, ValueError)):
+        LlamaForCausalLM._autoset_attn_implementation(config, torch_dtype=torch.float16)
+    assert sdpa_shim.decisions() == []
+
+
+def test_usable_flash_in_float32_is_downgraded(monkeypatch):
+    _usable_flash(monkeypatch)
+    config = tiny_llama_config(attn_implementation="flash_attention_2")
+    config = LlamaForCausalLM._autoset_attn_implementation(config, torch_dtype=torch.float32)
+    assert config._attn_implementation == "sdpa"
+    [decision] = sdpa_shim.decisions()
+    assert decision.reason == "float32 weights: flash-attn runs only float16/bfloat16"
+
+
 def test_requests_that_work_are_left_alone(tiny_llama, shim_records):
     model = LlamaForCausalLM.from_pretrained(tiny_llama, attn_implementation="eager")
     assert model.config._attn_implementation == "eager"
