@@ -88,9 +88,11 @@ def flash_import_broken() -> str:
 
 def _available(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The wrapper: transformers' answer, except False when the shim is on and the import is broken."""
+    from ._remote_code import availability_for_caller  # True for remote code the stand-in serves
+
     result = wrapped(*args, **kwargs)
     if not result:
-        return result
+        return availability_for_caller(result)
     try:
         from ._patch import is_active
 
@@ -101,7 +103,7 @@ def _available(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[
     if not broken:
         return result
     _tell_hidden(broken)
-    return False
+    return availability_for_caller(False)
 
 
 def _tell_hidden(reason: str) -> None:

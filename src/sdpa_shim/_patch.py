@@ -46,6 +46,9 @@ def activate() -> bool:
         return False
     with _lock:
         _active = True
+        from ._standin_import import install_if_opted_in
+
+        install_if_opted_in()  # SDPA_SHIM_STANDIN=1 also serves code that never loads a remote model
         if _hook_registered:
             if MODELING_UTILS in sys.modules:
                 _install(sys.modules[MODELING_UTILS])
