@@ -11,12 +11,22 @@ from __future__ import annotations
 import os
 import sys
 
-_TRUE_VALUES = ("1", "true", "on", "yes")  # sdpa_shim._settings.TRUE_VALUES, repeated to stay import-free
+# sdpa_shim._settings.TRUE_VALUES / FALSE_VALUES, repeated to stay import-free
+_TRUE_VALUES = ("1", "true", "on", "yes")
+_FALSE_VALUES = ("0", "false", "off", "no")
 
 
 def main() -> None:
-    """Activate sdpa_shim when ``SDPA_SHIM`` is a true value. Never raises."""
-    if os.environ.get("SDPA_SHIM", "").strip().lower() not in _TRUE_VALUES:
+    """Activate sdpa_shim when ``SDPA_SHIM`` is a true value; warn about a bad one. Never raises."""
+    raw = os.environ.get("SDPA_SHIM", "")
+    value = raw.strip().lower()
+    if not value or value in _FALSE_VALUES:
+        return
+    if value not in _TRUE_VALUES:
+        sys.stderr.write(
+            f"sdpa_shim: SDPA_SHIM={raw!r} is not valid; accepted values: 1/true/on/yes or 0/false/off/no "
+            "(any case); using the default (as if unset): no start-up activation\n"
+        )
         return
     try:
         from sdpa_shim._startup import activate
