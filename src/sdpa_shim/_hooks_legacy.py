@@ -28,7 +28,6 @@ that class's facts.
 from __future__ import annotations
 
 import inspect
-from types import SimpleNamespace
 from typing import Any
 
 from ._hooks import Args, Rewrite, replace_argument
@@ -51,24 +50,23 @@ def _request_of(config: Any) -> object:
     return vars(config).get("_attn_implementation_internal") if config is not None else None
 
 
-def _rewrite_request(model_class: type, config: Any, facts_config: Any = None) -> bool:
+def _rewrite_request(model_class: type, config: Any, dtype: Any = None) -> bool:
     """Downgrade the request stored on ``config`` for ``model_class``, in place; True when changed.
 
-    ``facts_config`` is where the dtype is read from (default: ``config``).
+    ``dtype`` is the dtype the model will be built in, when known better than the config says.
 
     A string is decided for ``model_class``. In a dict only the "" key (the model itself) is decided here;
     sub-config keys are validated by their own sub-model classes when those are built.
     """
     requested = _request_of(config)
-    facts_config = config if facts_config is None else facts_config
     if isinstance(requested, str):
-        chosen = downgrade_for(model_class, requested, facts_config)
+        chosen = downgrade_for(model_class, requested, config, dtype)
         if chosen is None:
             return False
         config._attn_implementation_internal = _target(chosen)
         return True
     if isinstance(requested, dict) and flash_implementation(requested.get("")):
-        chosen = downgrade_for(model_class, requested[""], facts_config)
+        chosen = downgrade_for(model_class, requested[""], config, dtype)
         if chosen is None:
             return False
         config._attn_implementation_internal = {**requested, "": chosen}
@@ -80,15 +78,13 @@ def _config_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return args[0] if args else kwargs.get("config")
 
 
-def _dtype_view(config: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """What ``downgrade_for`` should read the dtype from: autoset's ``torch_dtype`` argument when given.
+def _built_dtype(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Autoset's ``torch_dtype`` argument: the dtype the model will be built in, or None.
 
-    ``from_pretrained(..., torch_dtype=torch.float16)`` passes the dtype the model will be built in to
-    autoset, while the config may still say float32 (the checkpoint's): judging by the config would
-    downgrade a flash request that works.
+    ``from_pretrained(..., torch_dtype=torch.float16)`` passes it to autoset while the config may still
+    say float32 (the checkpoint's): judging by the config would downgrade a flash request that works.
     """
-    dtype = args[2] if len(args) > 2 else kwargs.get("torch_dtype")
-    return config if dtype is None else SimpleNamespace(torch_dtype=dtype)
+    return args[2] if len(args) > 2 else kwargs.get("torch_dtype")
 
 
 def rewrite_autoset(cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Args | None:
@@ -107,12 +103,12 @@ def rewrite_autoset(cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
         requested = _request_of(config)
         if requested not in (None, "flash_attention_2"):
             return None  # both spellings given: transformers raises its own "not compatible" ValueError
-        chosen = downgrade_for(cls, "flash_attention_2", _dtype_view(config, args, kwargs))
+        chosen = downgrade_for(cls, "flash_attention_2", config, _built_dtype(args, kwargs))
         if chosen is None:
             return None
         config._attn_implementation_internal = _target(chosen)
         return replace_argument(args, kwargs, 1, USE_FA2, False)
-    return (args, kwargs) if _rewrite_request(cls, config, _dtype_view(config, args, kwargs)) else None
+    return (args, kwargs) if _rewrite_request(cls, config, _built_dtype(args, kwargs)) else None
 
 
 def _any_unusable_flash_value(requested: dict[Any, Any]) -> bool:

@@ -18,11 +18,15 @@ from ._settings import read_settings
 logger = logging.getLogger(__name__)
 
 
-def downgrade_for(model_or_class: Any, requested: object, config: Any = None) -> str | None:
+def downgrade_for(
+    model_or_class: Any, requested: object, config: Any = None, dtype: Any = None
+) -> str | None:
     """The implementation to use instead of ``requested``, or None to pass it through unchanged.
 
     ``model_or_class`` is the model being built (bands C-E) or its class (bands A-B); ``config``
-    defaults to ``model_or_class.config``.
+    (the model's own config object: it is what marks the model as downgraded) defaults to
+    ``model_or_class.config``; ``dtype``, when given, is the dtype the model will be built in and
+    wins over the config's (bands A-B pass ``torch_dtype`` this way).
     """
     implementation = flash_implementation(requested)
     if implementation is None:
@@ -32,7 +36,7 @@ def downgrade_for(model_or_class: Any, requested: object, config: Any = None) ->
     if settings.enabled is False:
         return None
     status = _detect.flash_status(implementation)
-    facts = model_facts(model_or_class, config)
+    facts = model_facts(model_or_class, config, dtype)
     decision = decide(requested, status, facts, settings, lambda: _probe.sdpa_error(*probe_target(facts)))
     if decision is None:
         logger.debug("%s: %s can run here; request left unchanged", facts.name, requested)
@@ -43,7 +47,7 @@ def downgrade_for(model_or_class: Any, requested: object, config: Any = None) ->
     return decision.chosen
 
 
-def model_facts(model_or_class: Any, config: Any = None) -> ModelFacts:
+def model_facts(model_or_class: Any, config: Any = None, dtype: Any = None) -> ModelFacts:
     """Read the class flags and the dtype the model is built in."""
     cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
     if config is None:
@@ -54,7 +58,7 @@ def model_facts(model_or_class: Any, config: Any = None) -> ModelFacts:
         supports_flash=bool(
             getattr(cls, "_supports_flash_attn", False) or getattr(cls, "_supports_flash_attn_2", False)
         ),
-        dtype=_dtype_name(config),
+        dtype=_dtype_name(config) if dtype is None else str(dtype).removeprefix("torch."),
         registered=_registered_names(),
     )
 
