@@ -34,9 +34,18 @@ _LEGACY = ("_autoset_attn_implementation",)
 _MODERN = ("_check_and_adjust_attn_implementation",)
 _BOUND = "`import_utils` + every `from … import` binding"
 BANDS: tuple[Band, ...] = (
-    Band("4.36", "4.45", "A", _LEGACY, _BOUND, "`from transformers import LlamaForCausalLM` fails"),
+    # post_init: before the attention registry (4.48) a downgraded model refuses packed rows from there
+    Band("4.36", "4.45", "A", (*_LEGACY, "post_init"), _BOUND, "`from transformers import LlamaForCausalLM` fails"),
     Band(
         "4.46",
+        "4.47",
+        "B",
+        (*_LEGACY, "__init__", "post_init"),
+        _BOUND,
+        "`from transformers import LlamaForCausalLM` fails",
+    ),
+    Band(
+        "4.48",
         "4.52",
         "B",
         (*_LEGACY, "__init__"),
