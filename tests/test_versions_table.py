@@ -61,7 +61,15 @@ BANDS: tuple[Band, ...] = (
         "`from transformers import LlamaForCausalLM` fails",
     ),
     Band("4.54", "4.54", "C", _MODERN, _BOUND, "`from transformers import LlamaForCausalLM` fails"),
-    Band("4.55", "4.55", "C", _MODERN, _BOUND, "a flash request fails (4.55.0: `input()` prompt)"),
+    # 4.55.4 already has get_correct_attn_implementation (4.55.0 did not): the tested release decides.
+    Band(
+        "4.55",
+        "4.55",
+        "C",
+        (*_MODERN, "get_correct_attn_implementation"),
+        _BOUND,
+        "a flash request fails (4.55.0: `input()` prompt)",
+    ),
     Band("4.56", "4.57", "C", (*_MODERN, "get_correct_attn_implementation"), _BOUND, "a flash request fails"),
     Band("5.0", "5.3", "D", (*_MODERN, "get_correct_attn_implementation"), _BOUND, "a flash request fails"),
     Band(
