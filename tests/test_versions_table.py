@@ -35,7 +35,14 @@ _MODERN = ("_check_and_adjust_attn_implementation",)
 _BOUND = "`import_utils` + every `from … import` binding"
 BANDS: tuple[Band, ...] = (
     # post_init: before the attention registry (4.48) a downgraded model refuses packed rows from there
-    Band("4.36", "4.45", "A", (*_LEGACY, "post_init"), _BOUND, "`from transformers import LlamaForCausalLM` fails"),
+    Band(
+        "4.36",
+        "4.45",
+        "A",
+        (*_LEGACY, "post_init"),
+        _BOUND,
+        "`from transformers import LlamaForCausalLM` fails",
+    ),
     Band(
         "4.46",
         "4.47",
