@@ -27,7 +27,7 @@ Measured on the 2-core dev box (other work running beside it; warm pip cache, fr
 session, venv + install + pytest:
     4.36 164   4.40 100   4.44 102   4.46 182   4.48 154   4.51 138   4.53 138   4.54 175
     4.55 154   4.56 168   4.57 168   5.0 159    5.4 149    5.12 140   5.23 243 (runs every file)
-    whole matrix: 2334 s (39 min). A cold pip cache adds the downloads (about a minute).
+    whole matrix: 2334 s (39 min). A cold pip cache adds the downloads (not measured).
 """
 
 from __future__ import annotations
