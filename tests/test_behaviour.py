@@ -118,6 +118,9 @@ def test_activate_twice_wraps_once():
     assert not hasattr(after.__wrapped__, "__wrapped__")  # one layer only
 
 
+@pytest.mark.skipif(
+    Version("4.56") > TRANSFORMERS, reason="dict requests on Llava raise AttributeError in transformers <= 4.55 itself"
+)
 def test_composite_dict_request_decides_each_sub_model(tmp_path, shim_records):
     from transformers import LlavaForConditionalGeneration
 
