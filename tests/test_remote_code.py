@@ -312,6 +312,11 @@ def test_a_fault_in_the_import_check_keeps_transformers_check(tmp_path, monkeypa
     assert len(shim_records(logging.ERROR)) == 1
 
 
+@pytest.mark.skipif(
+    Version("5.4") <= TRANSFORMERS < Version("5.12"),
+    reason="transformers 5.4's is_flash_attn_4_available raises KeyError when flash_attn is importable "
+    "without a distribution (the stand-in imported before transformers); documented in the README",
+)
 def test_opt_in_serves_flash_attn_everywhere(tmp_path):
     """SDPA_SHIM_STANDIN=1: ``import flash_attn`` works without transformers, and stays after a load."""
     model_dir = build("top_varlen", tmp_path)

@@ -159,6 +159,8 @@ def should_serve(fullname: str) -> bool:
                 windows[0].importers.append(importer)
             return True
     if read_settings().standin_everywhere:
+        if _caller_module().split(".")[0] == "transformers":
+            return False  # transformers' own probes (find_spec in is_flash_attn_2_available) see the truth
         # First use may import the real flash_attn here (same thread: the import lock is re-entrant).
         status = flash_status(IMPLEMENTATION)
         if _serves_everywhere(status):
