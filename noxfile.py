@@ -83,6 +83,8 @@ TEST_DEPENDENCIES = (
     "setuptools>=68",
     "wheel",
 )
+#: A real Jupyter kernel for tests/test_notebooks.py (release-independent: newest session only).
+NOTEBOOK_DEPENDENCIES = ("nbclient", "nbformat", "ipykernel")
 CHECK_TORCH = (
     "import sys, torch; v = torch.__version__.split('+')[0]; "
     f"sys.exit(None if v == {TORCH!r} else f'torch {{torch.__version__}} in the base interpreter; '"
@@ -118,7 +120,10 @@ def _run_suite(session: nox.Session, minor: str) -> None:
     constraints = _constraints(session)
     # torch comes from the base interpreter; check it is the pinned CPU build before installing anything.
     session.run("python", "-c", CHECK_TORCH, silent=True)
-    session.install("--constraint", str(constraints), f"transformers=={release}", *TEST_DEPENDENCIES)
+    notebooks = NOTEBOOK_DEPENDENCIES if minor == NEWEST else ()  # the notebook tests run there only
+    session.install(
+        "--constraint", str(constraints), f"transformers=={release}", *TEST_DEPENDENCIES, *notebooks
+    )
     session.run(
         "python",
         "-c",
