@@ -4,9 +4,6 @@ exactly one WARNING names the model class, the request, the choice and the reaso
 
 from __future__ import annotations
 
-import json
-import logging
-
 import pytest
 import torch
 import transformers
@@ -14,49 +11,20 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import sdpa_shim
+from loading import (
+    assert_one_warning,
+    load_auto,
+    load_config_json,
+    load_direct,
+    load_with_config_object,
+    reference,
+)
 from models import input_ids, logits, tiny_llama_config
 
 TRANSFORMERS = Version(transformers.__version__)
 pytestmark = pytest.mark.skipif(
     Version("4.54") > TRANSFORMERS, reason="bands A/B are covered by test_legacy_*"
 )
-
-
-def reference(directory, implementation="sdpa"):
-    sdpa_shim.deactivate()
-    try:
-        return AutoModelForCausalLM.from_pretrained(directory, attn_implementation=implementation)
-    finally:
-        sdpa_shim.activate()
-
-
-def assert_one_warning(records, model: str, requested: str, chosen: str, reason: str) -> None:
-    warnings = records(logging.WARNING)
-    assert len(warnings) == 1, [r.getMessage() for r in warnings]
-    message = warnings[0].getMessage()
-    assert f"{model} requested {requested}; using {chosen} instead: {reason}" in message
-    assert [(d.model, d.requested, d.chosen) for d in sdpa_shim.decisions()] == [(model, requested, chosen)]
-
-
-def load_direct(directory):
-    return LlamaForCausalLM.from_pretrained(directory, attn_implementation="flash_attention_2")
-
-
-def load_auto(directory):
-    return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="flash_attention_2")
-
-
-def load_config_json(directory):
-    config_file = directory / "config.json"
-    config = json.loads(config_file.read_text())
-    config["_attn_implementation"] = "flash_attention_2"
-    config_file.write_text(json.dumps(config))
-    return AutoModelForCausalLM.from_pretrained(directory)
-
-
-def load_with_config_object(directory):
-    config = transformers.AutoConfig.from_pretrained(directory)
-    return LlamaForCausalLM.from_pretrained(directory, config=config, attn_implementation="flash_attention_2")
 
 
 @pytest.mark.parametrize("load", [load_direct, load_auto, load_config_json, load_with_config_object])

@@ -1,0 +1,65 @@
+"""The ways a flash request reaches transformers, and the assertions every entry-point test makes.
+
+Shared by test_entry_points.py (4.54+) and test_legacy_bands.py (4.36-4.53).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import transformers
+from packaging.version import Version
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+import sdpa_shim
+
+TRANSFORMERS = Version(transformers.__version__)
+
+
+def without_shim(build):
+    """Run ``build`` with the shim off: transformers' own behaviour, for references and errors."""
+    sdpa_shim.deactivate()
+    try:
+        return build()
+    finally:
+        sdpa_shim.activate()
+
+
+def reference(directory, implementation="sdpa", model_class=AutoModelForCausalLM):
+    return without_shim(lambda: model_class.from_pretrained(directory, attn_implementation=implementation))
+
+
+def assert_one_warning(records, model: str, requested: str, chosen: str, reason: str) -> None:
+    """Exactly one WARNING, naming all four, and exactly that decision recorded."""
+    warnings = records(logging.WARNING)
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert f"{model} requested {requested}; using {chosen} instead: {reason}" in warnings[0].getMessage()
+    assert [(d.model, d.requested, d.chosen) for d in sdpa_shim.decisions()] == [(model, requested, chosen)]
+
+
+def load_direct(directory):
+    return LlamaForCausalLM.from_pretrained(directory, attn_implementation="flash_attention_2")
+
+
+def load_auto(directory):
+    return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="flash_attention_2")
+
+
+def load_config_json(directory):
+    """``"_attn_implementation"`` in config.json is honoured by every release (and beats the kwarg)."""
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text())
+    config["_attn_implementation"] = "flash_attention_2"
+    config_file.write_text(json.dumps(config))
+    return AutoModelForCausalLM.from_pretrained(directory)
+
+
+def load_with_config_object(directory):
+    if Version("4.37") > TRANSFORMERS:
+        pytest.skip(
+            "4.36 passes attn_implementation with config= on to __init__: TypeError (transformers #28038)"
+        )
+    config = transformers.AutoConfig.from_pretrained(directory)
+    return LlamaForCausalLM.from_pretrained(directory, config=config, attn_implementation="flash_attention_2")
