@@ -1,4 +1,4 @@
-"""docs/versions.md, the supported-versions table, cannot drift from the matrix or from what is hooked.
+"""docs/versions.md and README.md's supported-versions table cannot drift from the matrix or from what is hooked.
 
 The table is generated from ``noxfile.RELEASES`` / ``UNSUPPORTED`` (read with ``ast``: nox itself is not
 installed in the test environments) and ``BANDS`` below. Every matrix session then checks its own row
@@ -17,6 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "versions.md"
+README = ROOT / "README.md"
+README_START, README_END = "<!-- versions:start -->", "<!-- versions:end -->"
 NOXFILE = ROOT / "noxfile.py"
 
 
@@ -158,6 +160,25 @@ def render() -> str:
     return "\n".join(lines)
 
 
+def readme_section() -> str:
+    """The README's copy: the table and its notes, without the page heading and the generator comment."""
+    body = render().split("\n")
+    return "\n".join(body[body.index("") + 3 :]).strip()
+
+
+def with_readme_section(readme: str) -> str:
+    head, rest = readme.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_START}\n{readme_section()}\n{README_END}{tail}"
+
+
+def test_readme_table_matches_the_matrix():
+    readme = README.read_text()
+    assert readme == with_readme_section(readme), (
+        "README.md's supported-versions table drifted: run python tests/test_versions_table.py --write"
+    )
+
+
 def test_doc_matches_the_matrix():
     assert DOC.read_text() == render(), (
         "docs/versions.md drifted: run python tests/test_versions_table.py --write"
@@ -213,6 +234,7 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--write"]:
         DOC.parent.mkdir(exist_ok=True)
         DOC.write_text(render())
-        print(f"wrote {DOC}")
+        README.write_text(with_readme_section(README.read_text()))
+        print(f"wrote {DOC} and the table in {README}")
     else:
         print(render())
