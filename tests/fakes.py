@@ -35,6 +35,13 @@ def pad_input(*args, **kwargs):
 unpad_input = index_first_axis = pad_input
 '''
 
+_USABLE_ROTARY = '''"""Fake flash_attn.layers.rotary (tests only)."""
+
+
+def apply_rotary_emb(*args, **kwargs):
+    raise AssertionError("the fake flash_attn must never be called")
+'''
+
 
 def write_flash_attn_distribution(root: Path, kind: str, version: str = "2.7.4") -> Path:
     """Write a ``flash_attn`` package plus its ``flash_attn-<version>.dist-info`` under ``root``.
@@ -51,14 +58,18 @@ def write_flash_attn_distribution(root: Path, kind: str, version: str = "2.7.4")
     else:
         raise ValueError(f"kind must be 'broken' or 'usable', not {kind!r}")
     (package / "__init__.py").write_text(body)
-    if kind == "usable":
+    if kind == "usable":  # what transformers 4.4x-5.x import from a usable flash_attn at module level
         (package / "bert_padding.py").write_text(_USABLE_BERT_PADDING)
+        (package / "layers").mkdir(exist_ok=True)
+        (package / "layers" / "__init__.py").write_text("")
+        (package / "layers" / "rotary.py").write_text(_USABLE_ROTARY)
     dist_info = root / f"flash_attn-{version}.dist-info"
     dist_info.mkdir(exist_ok=True)
     (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: flash-attn\nVersion: {version}\n")
     (dist_info / "top_level.txt").write_text("flash_attn\n")
     (dist_info / "RECORD").write_text(
-        f"flash_attn/__init__.py,,\nflash_attn/bert_padding.py,,\nflash_attn-{version}.dist-info/METADATA,,\n"
+        f"flash_attn/__init__.py,,\nflash_attn/bert_padding.py,,\nflash_attn/layers/__init__.py,,\n"
+        f"flash_attn/layers/rotary.py,,\nflash_attn-{version}.dist-info/METADATA,,\n"
         f"flash_attn-{version}.dist-info/top_level.txt,,\nflash_attn-{version}.dist-info/RECORD,,\n"
     )
     return root
