@@ -28,6 +28,7 @@ session, venv + install + pytest:
     4.36 164   4.40 100   4.44 102   4.46 182   4.48 154   4.51 138   4.53 138   4.54 175
     4.55 154   4.56 168   4.57 168   5.0 159    5.4 149    5.12 140   5.23 243 (runs every file)
     whole matrix: 2334 s (39 min). A cold pip cache adds the downloads (not measured).
+    Re-run with reused venvs (`nox -r`, same box): 34 min wall, 1-2 min per release, 4 min for the newest.
 """
 
 from __future__ import annotations
