@@ -23,7 +23,7 @@ from loading import (
     reference,
     without_shim,
 )
-from models import logits, save_tiny_tokenizer, tiny_llama_config
+from models import logits, save_tiny_tokenizer, tiny_llama_config, tiny_llava_config
 
 TRANSFORMERS = Version(transformers.__version__)
 pytestmark = pytest.mark.skipif(
@@ -181,20 +181,6 @@ def test_class_without_sdpa_gets_eager(tiny_llama, shim_records):
     assert len(shim_records(logging.WARNING)) == 1
 
 
-def _tiny_llava_config(**kwargs):
-    from transformers import CLIPVisionConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        image_size=16,
-        patch_size=8,
-    )
-    return LlavaConfig(vision_config=vision, text_config=tiny_llama_config(), **kwargs)
-
-
 def _implementations(model):
     """{class name: implementation} for the model and every PreTrainedModel inside it."""
     return {
@@ -210,7 +196,7 @@ def test_composite_string_request(shim_records):
     from transformers import LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration._from_config(
-        _tiny_llava_config(), attn_implementation="flash_attention_2"
+        tiny_llava_config(), attn_implementation="flash_attention_2"
     )
     implementations = _implementations(model)
     assert "flash_attention_2" not in implementations.values(), implementations
@@ -225,7 +211,7 @@ def test_dict_request_is_decided_per_sub_model(shim_records):
     from transformers import LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration._from_config(
-        _tiny_llava_config(),
+        tiny_llava_config(),
         attn_implementation={"text_config": "flash_attention_2", "vision_config": "eager"},
     )
     implementations = _implementations(model)
