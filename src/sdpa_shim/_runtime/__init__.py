@@ -1,0 +1,1 @@
+"""The attention runtime: kernels, backend policy and the varlen engine (torch only, no transformers)."""
