@@ -380,11 +380,38 @@ def test_varlen_rows_past_the_last_segment_are_zero():
     assert out[7:].abs().max() == 0
 
 
-def test_varlen_block_table_is_refused():
-    q, k, v = _packed([4], [4], 2, 2)
-    cu = torch.tensor([0, 4], dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="block_table"):
-        fa.flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, block_table=torch.zeros(1, 1, dtype=torch.int32))
+def _paged(k, lengths, page, spare=3):
+    """Scatter packed keys (sum(lengths), Hk, D) into shuffled pages; returns pages and block table."""
+    per_seq = [max(1, -(-n // page)) for n in lengths]
+    num_pages = sum(per_seq) + spare
+    order = torch.randperm(num_pages)
+    pages = torch.randn(num_pages, page, *k.shape[1:])
+    table = torch.zeros(len(lengths), max(per_seq), dtype=torch.int32)
+    used, start = 0, 0
+    for b, n in enumerate(lengths):
+        for j in range(per_seq[b]):
+            table[b, j] = order[used]
+            rows = k[start + j * page : start + min(n, (j + 1) * page)]
+            pages[order[used], : rows.shape[0]] = rows
+            used += 1
+        start += n
+    return pages, table
+
+
+def test_varlen_block_table_matches_packed_keys():
+    lq, lk = [3, 1, 8], [7, 1, 12]
+    q, k, v = _packed(lq, lk, 4, 2)
+    kp, table = _paged(k, lk, page=5)
+    vp, _ = _paged(v, lk, page=5)
+    # Same shuffle for v: rebuild v's pages from the table k used.
+    start = 0
+    for b, n in enumerate(lk):
+        for t in range(n):
+            vp[table[b, t // 5], t % 5] = v[start + t]
+        start += n
+    cu_q, cu_k = torch.tensor(_cu(lq), dtype=torch.int32), torch.tensor(_cu(lk), dtype=torch.int32)
+    out = fa.flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, 8, 12, causal=True, block_table=table)
+    _close(out, reference_varlen(q, k, v, _cu(lq), _cu(lk), causal=True)[0])
 
 
 class MatmulRecorder:
@@ -526,8 +553,14 @@ def test_with_kvcache_rotary(interleaved, causal):
 def test_with_kvcache_refusals():
     k_cache, v_cache = _cache_setup()
     q = torch.randn(3, 1, 4, 16)
-    with pytest.raises(NotImplementedError, match="block_table"):
-        fa.flash_attn_with_kvcache(q, k_cache, v_cache, block_table=torch.zeros(3, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="block_table"):
+        fa.flash_attn_with_kvcache(
+            q,
+            k_cache,
+            v_cache,
+            block_table=torch.zeros(3, 1, dtype=torch.int32),
+            cache_leftpad=torch.zeros(3),
+        )
     with pytest.raises(ValueError, match="cache_seqlens"):
         fa.flash_attn_with_kvcache(q, k_cache, v_cache, torch.randn(3, 1, 2, 16), torch.randn(3, 1, 2, 16))
     with pytest.raises(ValueError, match="too short"):
@@ -668,25 +701,25 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
         ([64, 1, 200], [64, 1, 200], {}, True),
         ([64, 1, 200], [64, 1, 200], {"causal": True}, True),
         ([64, 1, 200], [64, 1, 200], {"window_size": (16, 3)}, True),
-        ([30, 1, 90], [70, 1, 40], {"causal": True}, False),  # per-segment sq != sk: exact route
+        ([30, 1, 90], [70, 1, 40], {"causal": True}, True),  # FA2 aligns bottom-right per segment
         ([30, 1, 90], [70, 1, 40], {"window_size": (8, 0)}, True),
         ([64, 1, 200], [64, 1, 200], {"softcap": 5.0, "causal": True}, False),
-        ([600, 600], [600, 600], {"causal": True}, False),  # uniform and long: one batched SDPA call
-        ([96, 96, 96], [96, 96, 96], {"causal": True}, True),  # uniform but short: no host sync
+        ([600, 600], [600, 600], {"causal": True}, True),  # uniform: still FA2 (see UNIFORM_OVER_...)
+        ([96, 96, 96], [96, 96, 96], {"causal": True}, True),
         ([600, 600], [600, 600], {"window_size": (8, 8)}, True),
     ],
 )
-def test_cuda_varlen_routes_and_numbers(monkeypatch, dtype, lq, lk, kw, fused):
-    from sdpa_shim.standin import _varlen
+def test_cuda_varlen_routes_and_numbers(dtype, lq, lk, kw, fused):
+    from sdpa_shim._runtime import kernels, varlen
 
-    used = []
-    real = _varlen._try_fused
-    monkeypatch.setattr(_varlen, "_try_fused", lambda *a: used.append(real(*a)) or used[-1])
     q, k, v = (x.cuda() for x in _packed(lq, lk, 8, 2, d=64))
     cq, ck = _cu(lq), _cu(lk)
     cu_q = torch.tensor(cq, dtype=torch.int32, device="cuda")
     cu_k = cu_q if lq == lk else torch.tensor(ck, dtype=torch.int32, device="cuda")
     xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    engine_kw = {"causal": kw.get("causal", False), "window": kw.get("window_size", (-1, -1))}
+    engine_kw["softcap"] = kw.get("softcap", 0.0)
+    route = varlen.route_for(*xs, cu_q, cu_k, max(lq), max(lk), **engine_kw)
     out = fa.flash_attn_varlen_func(*xs, cu_q, cu_k, max(lq), max(lk), **kw)
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -694,8 +727,8 @@ def test_cuda_varlen_routes_and_numbers(monkeypatch, dtype, lq, lk, kw, fused):
     ref = reference_varlen(*xr, cq, ck, **kw)[0]
     ref.backward(grad.double().cpu())
     assert out.dtype == dtype
-    has_fused = _varlen._fused_varlen()[0] is not None
-    assert bool(used and used[-1] is not None) == (fused and has_fused)
+    has_fused = kernels.features().varlen_attn is not None
+    assert (route == "varlen_attn") == (fused and has_fused)
     tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.float16 else {"atol": 5e-2, "rtol": 5e-2}
     _close(out.cpu(), ref, **tol)
     for mine, theirs in zip(xs, xr, strict=True):

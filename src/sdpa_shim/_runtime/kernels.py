@@ -1,7 +1,8 @@
-"""Attention internals shared by the stand-in's public functions.
+"""Dense block attention in flash-attn's semantics, on torch's own kernels (torch only).
 
-Everything here takes flash-attn's ``(batch, seqlen, heads, dim)`` layout and picks the cheapest
-torch route that gives flash-attn's numbers:
+Used by the varlen engine (``varlen.py``) for each batch of equal-shape blocks and by the
+``flash_attn`` stand-in for dense calls. Everything here takes flash-attn's ``(batch, seqlen, heads,
+dim)`` layout and picks the cheapest torch route that gives flash-attn's numbers:
 
 1. a plain SDPA call (``is_causal`` only where top-left and bottom-right alignment coincide), so the
    fused flash / cuDNN kernels run;
@@ -12,13 +13,21 @@ torch route that gives flash-attn's numbers:
 
 Rows whose window holds no key give zeros, as in flash-attn ("If the row of the mask is all zero,
 the output will be zero"), never NaN: such rows are unmasked for the softmax, then zeroed.
+
+Which torch features exist is read once (``features()``); tests and benchmarks hide features with
+``override_features`` so that the routes taken on older torch run on the newest one too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import inspect
 import logging
 import math
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +39,6 @@ _NEG_INF = float("-inf")
 # Scores computed at once by the explicit path when no gradient is needed (elements, float32).
 _MATH_CHUNK_ELEMENTS = 1 << 26
 
-try:  # torch >= 2.3: SDPA dispatches this to kernels that align causal masks bottom-right
-    from torch.nn.attention.bias import causal_lower_right as _causal_lower_right
-except ImportError:  # pragma: no cover - old torch
-    _causal_lower_right = None
-
 
 def _torch_at_least(major: int, minor: int) -> bool:
     parts = torch.__version__.split("+")[0].split(".")
@@ -44,8 +48,60 @@ def _torch_at_least(major: int, minor: int) -> bool:
         return True
 
 
-# SDPA's ``enable_gqa`` appeared in torch 2.5.
-SDPA_HAS_GQA = _torch_at_least(2, 5)
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """The torch features the routes depend on; tests replace fields to take older torch's routes."""
+
+    sdpa_enable_gqa: bool  # SDPA's ``enable_gqa`` (torch >= 2.5)
+    causal_lower_right: Callable[[int, int], Any] | None  # bottom-right causal bias (torch >= 2.3)
+    varlen_attn: Callable[..., Any] | None  # torch.nn.attention.varlen.varlen_attn (torch >= 2.10)
+    varlen_params: frozenset[str]  # its parameter names (they changed in 2.11 and 2.12)
+    aux_request: type | None  # AuxRequest, for the log-sum-exp
+
+
+@functools.cache
+def _detect() -> Features:
+    try:  # torch >= 2.3: SDPA dispatches this to kernels that align causal masks bottom-right
+        from torch.nn.attention.bias import causal_lower_right
+    except ImportError:  # pragma: no cover - old torch
+        causal_lower_right = None
+    fn: Callable[..., Any] | None = None
+    params: frozenset[str] = frozenset()
+    aux: type | None = None
+    try:
+        from torch.nn.attention import varlen as _varlen_mod
+
+        fn = _varlen_mod.varlen_attn
+        params = frozenset(inspect.signature(fn).parameters)
+        aux = getattr(_varlen_mod, "AuxRequest", None)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        fn, params, aux = None, frozenset(), None
+    return Features(
+        sdpa_enable_gqa=_torch_at_least(2, 5),
+        causal_lower_right=causal_lower_right,
+        varlen_attn=fn,
+        varlen_params=params,
+        aux_request=aux,
+    )
+
+
+_OVERRIDES: list[Features] = []
+
+
+def features() -> Features:
+    """The features in force: torch's own, unless a test or benchmark hides some."""
+    return _OVERRIDES[-1] if _OVERRIDES else _detect()
+
+
+@contextlib.contextmanager
+def override_features(**changes: Any) -> Iterator[Features]:
+    """Pretend torch lacks (or has) features, e.g. ``varlen_attn=None, sdpa_enable_gqa=False``."""
+    changed = dataclasses.replace(features(), **changes)
+    _OVERRIDES.append(changed)
+    try:
+        yield changed
+    finally:
+        _OVERRIDES.remove(changed)
 
 
 class Result(NamedTuple):
@@ -147,14 +203,16 @@ def attention(
     key_end: Tensor | None = None,
     want_lse: bool = False,
     want_probs: bool = False,
+    explicit: bool = False,
 ) -> Result:
     """Attention over (B, Sq, H, D) queries and (B, Sk, Hk, D) keys, in flash-attn's semantics.
 
     ``left``/``right`` come from ``normalize_window``. ``key_start``/``key_end`` ((B,) tensors) limit
     each batch row to a slice of the keys (KV cache); alignment is then to ``key_end``.
+    ``explicit`` forces the float32 softmax (benchmarks compare it with SDPA).
     """
-    b, sq, h, _ = q.shape
-    sk, hk = k.shape[1], k.shape[2]
+    b, sq = q.shape[:2]
+    sk = k.shape[1]
     if sq == 0 or b == 0 or sk == 0:
         return _empty_result(q, v, want_lse, want_probs)
     ranged = key_start is not None or key_end is not None
@@ -165,11 +223,13 @@ def attention(
         if left >= sk - 1:
             left = -1
 
-    plain = softcap <= 0 and alibi_slopes is None and not ranged and not want_lse and not want_probs
+    needs_explicit = explicit or softcap > 0 or want_lse or want_probs
+    plain = alibi_slopes is None and not ranged and not needs_explicit
+    lower_right = features().causal_lower_right
     if plain and left < 0 and (right < 0 or (right == 0 and sq == sk)):
         return Result(_sdpa(q, k, v, scale=scale, dropout_p=dropout_p, is_causal=right == 0), None, None)
-    if plain and left < 0 and right == 0 and sq < sk and _causal_lower_right is not None:
-        bias = _causal_lower_right(sq, sk)
+    if plain and left < 0 and right == 0 and sq < sk and lower_right is not None:
+        bias = lower_right(sq, sk)
         return Result(_sdpa(q, k, v, scale=scale, dropout_p=dropout_p, mask=bias), None, None)
 
     mask = _allowed(sq, sk, left, right, shift, key_start, key_end, q.device)
@@ -178,10 +238,22 @@ def attention(
     if mask is not None:
         row_ok = mask.any(dim=-1, keepdim=True)  # (1|B, 1, sq, 1)
         mask = mask | ~row_ok  # empty rows see everything, then get zeroed: no NaN, no gradient
-    if softcap > 0 or want_lse or want_probs:
-        return _explicit(q, k, v, scale, dropout_p, softcap, mask, bias, row_ok, want_probs)
+    if needs_explicit:
+        return explicit_attention(q, k, v, scale, dropout_p, softcap, mask, bias, row_ok, want_probs)
+    return Result(masked_sdpa(q, k, v, scale, dropout_p, mask, bias, row_ok), None, None)
 
-    k, v = repeat_kv(k, h // hk), repeat_kv(v, h // hk)
+
+def masked_sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    dropout_p: float,
+    mask: Tensor | None,
+    bias: Tensor | None,
+    row_ok: Tensor | None,
+) -> Tensor:
+    """SDPA with a bool mask and/or float bias; rows marked not ``row_ok`` come out as zeros."""
     if bias is not None:
         attn_mask: Tensor | None = bias if mask is None else bias.masked_fill(~mask, _NEG_INF)
         attn_mask = attn_mask.to(q.dtype)
@@ -190,7 +262,7 @@ def attention(
     out = _sdpa(q, k, v, scale=scale, dropout_p=dropout_p, mask=attn_mask)
     if row_ok is not None:
         out = out * row_ok.transpose(1, 2).to(out.dtype)  # (1|B, sq, 1, 1)
-    return Result(out, None, None)
+    return out
 
 
 def _sdpa(
@@ -210,7 +282,7 @@ def _sdpa(
         # enable_gqa only where a fused kernel takes it (flash: no tensor mask, half precision for
         # the lower-right bias); elsewhere SDPA would fall back to its math kernel, so repeat K/V.
         half = q.dtype in (torch.float16, torch.bfloat16)
-        if SDPA_HAS_GQA and (mask is None or (half and not isinstance(mask, Tensor))):
+        if features().sdpa_enable_gqa and (mask is None or (half and not isinstance(mask, Tensor))):
             kwargs["enable_gqa"] = True
         else:
             k, v = repeat_kv(k, h // hk), repeat_kv(v, h // hk)
@@ -227,7 +299,7 @@ def _sdpa(
     return out.transpose(1, 2).contiguous()
 
 
-def _explicit(
+def explicit_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -242,6 +314,7 @@ def _explicit(
     """Scores -> softcap -> bias/mask -> softmax -> dropout -> matmul, in float32 (float64 if given).
 
     Without autograd and without probabilities, queries go in chunks so that memory stays bounded.
+    ``mask`` may be (B|1, 1, Sq|1, Sk): a key-padding mask broadcasts over queries.
     """
     b, sq, h, _ = q.shape
     sk = k.shape[1]
@@ -263,7 +336,7 @@ def _explicit(
         if bias is not None:
             s = s + bias[:, :, start:stop].to(cdt)
         if mask is not None:
-            s = s.masked_fill(~mask[:, :, start:stop], _NEG_INF)
+            s = s.masked_fill(~(mask[:, :, start:stop] if mask.shape[2] > 1 else mask), _NEG_INF)
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - lse.unsqueeze(-1))
         if row_ok is not None:
@@ -297,3 +370,59 @@ def _empty_result(q: Tensor, v: Tensor, want_lse: bool, want_probs: bool) -> Res
     lse = q.new_full((b, h, sq), math.inf, dtype=torch.float32) if want_lse else None
     probs = q.new_empty((0,)) if want_probs else None
     return Result(out, lse, probs)
+
+
+# --------------------------------------------------------------------------- deterministic backward
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms(warn_only: bool) -> Iterator[None]:
+    """torch's global determinism switch, on for the block and restored after (not thread-safe)."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn)
+
+
+class _DeterministicBackward(torch.autograd.Function):
+    """Runs ``fn`` with its own autograd graph; the backward replays that graph deterministically.
+
+    torch's fused kernels take no ``deterministic`` argument: their backward is deterministic only
+    while ``torch.use_deterministic_algorithms(True)`` is on (flash's split dq accumulators, index_add
+    without atomics), which is global state. So the switch is flipped for this backward only.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, fn: Callable[..., Sequence[Tensor]], *inputs: Tensor) -> tuple[Tensor, ...]:
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
+            outs = tuple(fn(*leaves))
+        ctx.graph = (leaves, outs)
+        if len(outs) > 1:
+            ctx.mark_non_differentiable(*(o for o in outs[1:]))
+        return tuple(o.detach() for o in outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        leaves, outs = ctx.graph
+        wanted = [x for x in leaves if x.requires_grad]
+        try:
+            with _deterministic_algorithms(warn_only=False):
+                got = torch.autograd.grad(outs[0], wanted, grads[0], retain_graph=True, allow_unused=True)
+        except RuntimeError as exc:  # an op with no deterministic kernel (e.g. cuBLAS without its env var)
+            log.warning("deterministic backward not available here (%s); using the default kernels", exc)
+            with _deterministic_algorithms(warn_only=True):
+                got = torch.autograd.grad(outs[0], wanted, grads[0], allow_unused=True)
+        ctx.graph = None
+        it = iter(got)
+        return (None, *(next(it) if x.requires_grad else None for x in leaves))
+
+
+def deterministic_backward(fn: Callable[..., Sequence[Tensor]], *inputs: Tensor) -> tuple[Tensor, ...]:
+    """``fn(*inputs)`` whose backward is bit-identical across runs (flash-attn's ``deterministic``)."""
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)):
+        return tuple(fn(*inputs))
+    return _DeterministicBackward.apply(fn, *inputs)

@@ -1,0 +1,571 @@
+"""One varlen attention engine: packed rows with ``cu_seqlens``, cached keys, paged KV caches.
+
+flash-attn 2.8.3 semantics (causal and windows aligned bottom-right per sequence, GQA by head ratio,
+rows that see no key give 0 and lse +inf) on torch's own kernels, never with a total x total mask.
+
+Routes (``route_for`` names the one a call takes; ``force_route`` pins one for tests/benchmarks):
+
+- ``varlen_attn``: ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10: torch's vendored FA2),
+  taken on CUDA in fp16/bf16 whenever the call asks for nothing it lacks (softcap, ALiBi, dropout,
+  a window or scale before 2.11, lse without ``return_aux``, head dim > 256 or not a multiple of 8,
+  Dv != D). Keywords are read from its signature at runtime (2.10 ``is_causal``; 2.11 ``scale``,
+  ``window_size``, ``return_aux``; 2.12 ``enable_gqa``). No host sync on this route.
+- ``uniform_sdpa`` / ``uniform_explicit``: every sequence has the same (Lq, Lk): a zero-copy view
+  as (n, L, H, D) and one dense call.
+- ``bucketed_sdpa`` / ``bucketed_explicit``: everything else (CPU, fp32, torch < 2.10, softcap,
+  ALiBi, dropout). Sequences are grouped by (ceil_log2 Lq, ceil_log2 Lk), lengths up to
+  ``MIN_BUCKET`` sharing one group, so a row of any number of documents costs O(log^2 max_len) calls
+  (O(log) when Lq == Lk). Each group is gathered, right-padded to its own longest sequence (padding
+  overhead < 2x per side) and run as one batched call with a mask built for that group only; causal
+  self-attention needs no mask at all (top-left == bottom-right, padded keys sit after every real
+  query). Padded query rows are discarded and never NaN.
+- ``*_explicit``: the float32 softmax, taken for softcap and for the log-sum-exp.
+
+Paged caches (``block_table``) and ``seqused_k`` are first gathered into packed K/V (only the used
+tokens: O(used pages), differentiable), then routed like any other call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from .kernels import (
+    _alibi_bias,
+    _sdpa,
+    attention,
+    deterministic_backward,
+    explicit_attention,
+    features,
+    masked_sdpa,
+    normalize_window,
+)
+
+log = logging.getLogger(__name__)
+
+ROUTES = ("varlen_attn", "uniform_sdpa", "uniform_explicit", "bucketed_sdpa", "bucketed_explicit")
+#: Lengths up to this share one bucket: a few padded tokens cost less than another kernel launch.
+MIN_BUCKET = 16
+#: When every sequence is at least this long and of one length, prefer ``uniform_sdpa`` over
+#: varlen_attn (cuDNN SDPA beat FA2 there on an H100). None: always varlen_attn, as FA2 code is.
+UNIFORM_OVER_VARLEN_ATTN_FROM: int | None = None
+
+_HALF = (torch.float16, torch.bfloat16)
+_FORCED: list[str] = []
+_LOGGED: set[tuple[str, str, torch.dtype]] = set()
+
+
+@contextlib.contextmanager
+def force_route(route: str) -> Iterator[None]:
+    """Pin the route (tests, benchmarks); a call the route cannot serve raises ValueError."""
+    if route not in ROUTES:
+        raise ValueError(f"unknown route {route!r}; expected one of {ROUTES}")
+    _FORCED.append(route)
+    try:
+        yield
+    finally:
+        _FORCED.remove(route)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """Per-call settings after flash-attn's normalisation (window bounded by max_seqlen_k)."""
+
+    scale: float
+    left: int
+    right: int
+    softcap: float
+    alibi: Tensor | None
+    dropout_p: float
+    want_lse: bool
+    max_k: int  # as the caller gave it: flash-attn bounds windows by it, FA2 sizes its grid by it
+
+    @property
+    def needs_explicit(self) -> bool:
+        return self.softcap > 0 or self.want_lse
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int | Tensor,
+    max_seqlen_k: int | Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    dropout_p: float = 0.0,
+    block_table: Tensor | None = None,
+    seqused_k: Tensor | None = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Packed attention: q (Tq, Hq, D), k/v (Tk, Hkv, D) or pages -> out (Tq, Hq, Dv)[, lse (Hq, Tq)].
+
+    Rows of q outside ``cu_seqlens_q[0]:cu_seqlens_q[-1]`` give zeros. ``deterministic`` makes the
+    backward bit-identical across runs (torch's determinism switch is on while it runs).
+    """
+    opts = _options(q, k, max_seqlen_k, scale, causal, window, softcap, alibi_slopes, dropout_p, return_lse)
+    max_q = _as_int(max_seqlen_q)
+
+    def run(q_: Tensor, k_: Tensor, v_: Tensor) -> tuple[Tensor, ...]:
+        kp, vp, cu_k = _pack_keys(k_, v_, cu_seqlens_k, seqused_k, block_table)
+        route = _choose(q_, kp, vp, cu_seqlens_q, cu_k, max_q, opts)
+        _log_route(route, q_)
+        out, lse = _execute(route, q_, kp, vp, cu_seqlens_q, cu_k, max_q, opts)
+        return (out,) if lse is None else (out, lse)
+
+    outs = deterministic_backward(run, q, k, v) if deterministic else run(q, k, v)
+    return (outs[0], outs[1]) if return_lse else outs[0]
+
+
+def route_for(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int | Tensor,
+    max_seqlen_k: int | Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    dropout_p: float = 0.0,
+    block_table: Tensor | None = None,
+    seqused_k: Tensor | None = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
+) -> str:
+    """The route ``varlen_attention`` takes for these arguments (same signature), without running it."""
+    opts = _options(q, k, max_seqlen_k, scale, causal, window, softcap, alibi_slopes, dropout_p, return_lse)
+    with torch.no_grad():
+        kp, vp, cu_k = _pack_keys(k, v, cu_seqlens_k, seqused_k, block_table)
+    return _choose(q, kp, vp, cu_seqlens_q, cu_k, _as_int(max_seqlen_q), opts)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _as_int(x: int | Tensor) -> int:
+    return int(x.item()) if isinstance(x, Tensor) else int(x)
+
+
+def _options(
+    q: Tensor,
+    k: Tensor,
+    max_seqlen_k: int | Tensor,
+    scale: float | None,
+    causal: bool,
+    window: tuple[int, int],
+    softcap: float,
+    alibi_slopes: Tensor | None,
+    dropout_p: float,
+    return_lse: bool,
+) -> _Options:
+    """Validate the call and normalise the window the way flash-attn's C++ front end does."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be (total_q, heads, head_dim), got shape {tuple(q.shape)}")
+    hq, hk = q.shape[1], k.shape[-2]
+    if hk == 0 or hq % hk:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk})")
+    if alibi_slopes is not None and (alibi_slopes.dim() not in (1, 2) or alibi_slopes.shape[-1] != hq):
+        raise ValueError(f"alibi_slopes must be (heads,) or (batch, heads), got {tuple(alibi_slopes.shape)}")
+    max_k = _as_int(max_seqlen_k)
+    left, right = normalize_window(causal, window, max_k)
+    return _Options(
+        scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
+        left=left,
+        right=right,
+        softcap=float(softcap),
+        alibi=alibi_slopes,
+        dropout_p=float(dropout_p),
+        want_lse=return_lse,
+        max_k=max_k,
+    )
+
+
+def _pack_keys(
+    k: Tensor, v: Tensor, cu_k: Tensor | None, seqused_k: Tensor | None, block_table: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Packed (Tk, Hkv, D) keys and their cu_seqlens; pages and ``seqused_k`` gather the used tokens only."""
+    if block_table is None and seqused_k is None:
+        if cu_k is None:
+            raise ValueError("cu_seqlens_k may be None only with seqused_k")
+        if k.dim() != 3:
+            raise ValueError(
+                f"k must be (total_k, heads, head_dim) without block_table, got {tuple(k.shape)}"
+            )
+        return k, v, cu_k
+    dev = k.device
+    if seqused_k is not None:
+        lens = seqused_k.to(device=dev, dtype=torch.long)
+    elif cu_k is not None:
+        cu = cu_k.to(device=dev, dtype=torch.long)
+        lens = cu[1:] - cu[:-1]
+    else:
+        raise ValueError("block_table needs cu_seqlens_k (cumulative key lengths) or seqused_k")
+    total = int(lens.sum()) if lens.numel() else 0
+    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens, output_size=total)
+    offsets = torch.cumsum(lens, 0) - lens
+    t = torch.arange(total, device=dev) - offsets[seq]
+    if block_table is not None:
+        if k.dim() != 4:
+            raise ValueError(f"paged k must be (num_pages, page_size, heads, head_dim), got {tuple(k.shape)}")
+        page = k.shape[1]
+        if block_table.dim() != 2 or block_table.shape[0] != lens.numel():
+            raise ValueError(f"block_table must be (batch, max_pages), got {tuple(block_table.shape)}")
+        if lens.numel() and int(lens.max()) > block_table.shape[1] * page:
+            raise ValueError("a sequence uses more keys than its block_table row holds")
+        pages = block_table.to(device=dev, dtype=torch.long)[seq, torch.div(t, page, rounding_mode="floor")]
+        rows = pages * page + t % page
+        k_flat, v_flat = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
+    else:
+        starts = offsets if cu_k is None else cu_k.to(device=dev, dtype=torch.long)[:-1]
+        rows = starts[seq] + t
+        k_flat, v_flat = k, v
+    cu_packed = torch.nn.functional.pad(torch.cumsum(lens, 0), (1, 0)).to(torch.int32)
+    return k_flat.index_select(0, rows), v_flat.index_select(0, rows), cu_packed
+
+
+def _bounds(cu_q: Tensor, cu_k: Tensor, tq: int, tk: int) -> tuple[list[int], list[int]]:
+    """cu_seqlens on the host (one sync), checked like flash-attn's front end would."""
+    if cu_q.dim() != 1 or cu_q.numel() < 1 or cu_k.dim() != 1:
+        raise ValueError(f"cu_seqlens must be 1-D (batch + 1,), got {tuple(cu_q.shape)}, {tuple(cu_k.shape)}")
+    bq = [int(x) for x in cu_q.tolist()]
+    bk = bq if cu_k is cu_q else [int(x) for x in cu_k.tolist()]
+    if len(bq) != len(bk):
+        raise ValueError(f"cu_seqlens_q has {len(bq)} entries but cu_seqlens_k has {len(bk)}")
+    if any(b > a for a, b in zip(bq[1:], bq[:-1], strict=False)) or any(
+        b > a for a, b in zip(bk[1:], bk[:-1], strict=False)
+    ):
+        raise ValueError("cu_seqlens must be non-decreasing")
+    if bq[0] < 0 or bk[0] < 0 or bq[-1] > tq or bk[-1] > tk:
+        raise ValueError(f"cu_seqlens go past the packed tensors ({bq[-1]} > {tq} or {bk[-1]} > {tk})")
+    return bq, bk
+
+
+# --------------------------------------------------------------------------- route choice
+
+
+def _varlen_attn_refusal(q: Tensor, k: Tensor, v: Tensor, opts: _Options) -> str | None:
+    """Why torch's varlen_attn cannot give flash-attn's answer for this call (None: it can)."""
+    f = features()
+    params = f.varlen_params
+    d = q.shape[-1]
+    reasons = (
+        (f.varlen_attn is None, "torch has no varlen_attn"),
+        (not q.is_cuda, "not CUDA"),
+        (q.dtype not in _HALF or k.dtype != q.dtype or v.dtype != q.dtype, "not fp16/bf16"),
+        (v.shape[-1] != d or d > 256 or d % 8, "head dims"),
+        (opts.softcap > 0 or opts.alibi is not None or opts.dropout_p > 0, "softcap/alibi/dropout"),
+        (opts.want_lse and ("return_aux" not in params or f.aux_request is None), "lse"),
+        ("scale" not in params and not math.isclose(opts.scale, d**-0.5, rel_tol=1e-6), "scale"),
+        (
+            "window_size" not in params and not (opts.left < 0 and opts.right in (-1, 0)),
+            "window",
+        ),
+    )
+    return next((why for bad, why in reasons if bad), None)
+
+
+def _choose(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, opts: _Options) -> str:
+    """The route for a call whose keys are already packed."""
+    forced = _FORCED[-1] if _FORCED else None
+    if forced is not None:
+        _check_forced(forced, q, k, v, cu_q, cu_k, opts)
+        return forced
+    kind = "explicit" if opts.needs_explicit else "sdpa"
+    if _varlen_attn_refusal(q, k, v, opts) is None:
+        prefer_uniform = (
+            UNIFORM_OVER_VARLEN_ATTN_FROM is not None
+            and min(max_q, k.shape[0]) >= UNIFORM_OVER_VARLEN_ATTN_FROM
+            and _looks_uniform(q, k, cu_q, cu_k, max_q)
+            and _uniform(*_bounds(cu_q, cu_k, q.shape[0], k.shape[0])) is not None
+        )
+        if not prefer_uniform:
+            return "varlen_attn"
+    bq, bk = _bounds(cu_q, cu_k, q.shape[0], k.shape[0])
+    return f"uniform_{kind}" if _uniform(bq, bk) is not None else f"bucketed_{kind}"
+
+
+def _check_forced(
+    route: str, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, opts: _Options
+) -> None:
+    if route == "varlen_attn":
+        why = _varlen_attn_refusal(q, k, v, opts)
+        if why:
+            raise ValueError(f"route varlen_attn cannot serve this call: {why}")
+    elif route.endswith("_sdpa") and opts.needs_explicit:
+        raise ValueError(f"route {route} cannot give softcap or the log-sum-exp")
+    elif route.startswith("uniform") and _uniform(*_bounds(cu_q, cu_k, q.shape[0], k.shape[0])) is None:
+        raise ValueError(f"route {route} needs sequences of one shape")
+
+
+def _looks_uniform(q: Tensor, k: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int) -> bool:
+    """Whether every sequence may have length max_seqlen, judged from shapes alone (no host sync)."""
+    n = cu_q.numel() - 1
+    return n > 0 and max_q * n == q.shape[0] and k.shape[0] % n == 0
+
+
+def _uniform(bq: list[int], bk: list[int]) -> tuple[int, int, int] | None:
+    """(n, Lq, Lk) when every sequence has the same non-empty shape, else None."""
+    n = len(bq) - 1
+    if n <= 0:
+        return None
+    lq, lk = bq[1] - bq[0], bk[1] - bk[0]
+    if lq <= 0 or lk <= 0 or bq[-1] - bq[0] != n * lq or bk[-1] - bk[0] != n * lk:
+        return None
+    if any(bq[i + 1] - bq[i] != lq or bk[i + 1] - bk[i] != lk for i in range(n)):
+        return None
+    return n, lq, lk
+
+
+def _log_route(route: str, q: Tensor) -> None:
+    key = (route, q.device.type, q.dtype)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.debug("varlen attention: route %s on %s %s", route, q.device.type, q.dtype)
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def _execute(
+    route: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_q: Tensor,
+    cu_k: Tensor,
+    max_q: int,
+    opts: _Options,
+) -> tuple[Tensor, Tensor | None]:
+    if route == "varlen_attn":
+        try:
+            return _run_varlen_attn(q, k, v, cu_q, cu_k, max_q, opts)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, TypeError) as exc:  # a limit of this build not checked above
+            if _FORCED:
+                raise
+            log.debug("varlen_attn refused (%s); using bucketed SDPA", exc)
+            route = "bucketed_explicit" if opts.needs_explicit else "bucketed_sdpa"
+    bq, bk = _bounds(cu_q, cu_k, q.shape[0], k.shape[0])
+    explicit = route.endswith("_explicit")
+    if route.startswith("uniform"):
+        return _run_uniform(q, k, v, bq, bk, opts, explicit)
+    return _run_bucketed(q, k, v, bq, bk, opts, explicit)
+
+
+def _row_mask(cu: Tensor, rows: int, device: torch.device) -> Tensor:
+    """(rows,) True inside ``cu[0]:cu[-1]``, computed on the device (no host sync)."""
+    r = torch.arange(rows, device=device)
+    cu = cu.to(device)
+    return (r >= cu[0]) & (r < cu[-1])
+
+
+def _int32_on(cu: Tensor, device: torch.device) -> Tensor:
+    if cu.dtype == torch.int32 and cu.device == device:
+        return cu
+    return cu.to(device=device, dtype=torch.int32)
+
+
+def _run_varlen_attn(
+    q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, opts: _Options
+) -> tuple[Tensor, Tensor | None]:
+    """torch's FA2 varlen kernel with the keywords this torch takes; rows outside segments zeroed.
+
+    FA2 leaves output rows (and dq/dk/dv rows) outside every segment unwritten, so those rows are
+    masked on the device, forward and backward, without a host sync.
+    """
+    f = features()
+    params = f.varlen_params
+    assert f.varlen_attn is not None
+    kwargs: dict[str, object] = {}
+    if "scale" in params:
+        kwargs["scale"] = opts.scale
+    if "window_size" in params:
+        kwargs["window_size"] = (int(opts.left), int(opts.right))  # a tuple: (-1, 0) means causal
+    elif "is_causal" in params:
+        kwargs["is_causal"] = opts.right == 0
+    if q.shape[1] != k.shape[1] and "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    if opts.want_lse:
+        assert f.aux_request is not None
+        kwargs["return_aux"] = f.aux_request(lse=True)
+    q_ok = _row_mask(cu_q, q.shape[0], q.device)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        k_ok = _row_mask(cu_k, k.shape[0], k.device).view(-1, 1, 1)
+        q = torch.where(q_ok.view(-1, 1, 1), q, 0)  # backward: garbage gradient rows become 0
+        k, v = torch.where(k_ok, k, 0), torch.where(k_ok, v, 0)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    cu_q32 = _int32_on(cu_q, q.device)
+    cu_k32 = cu_q32 if cu_k is cu_q else _int32_on(cu_k, q.device)  # same object: cuDNN may take it
+    res = f.varlen_attn(q, k, v, cu_q32, cu_k32, max_q, opts.max_k, **kwargs)
+    out, lse = (res[0], res[1]) if opts.want_lse else (res, None)
+    out = torch.where(q_ok.view(-1, 1, 1), out, 0)
+    if lse is not None:
+        lse = torch.where(q_ok.view(1, -1), lse.float(), math.inf)
+    return out, lse
+
+
+def _run_uniform(
+    q: Tensor, k: Tensor, v: Tensor, bq: list[int], bk: list[int], opts: _Options, explicit: bool
+) -> tuple[Tensor, Tensor | None]:
+    """All sequences of one shape: a zero-copy (n, L, H, D) view and one dense call."""
+    shape = _uniform(bq, bk)
+    assert shape is not None
+    n, lq, lk = shape
+    qs = q[bq[0] : bq[-1]].unflatten(0, (n, lq))
+    ks, vs = (x[bk[0] : bk[-1]].unflatten(0, (n, lk)) for x in (k, v))
+    res = attention(
+        qs, ks, vs, scale=opts.scale, left=opts.left, right=opts.right, dropout_p=opts.dropout_p,
+        softcap=opts.softcap, alibi_slopes=opts.alibi, want_lse=opts.want_lse, explicit=explicit,
+    )  # fmt: skip
+    h, tq = q.shape[1], q.shape[0]
+    out = res.out.flatten(0, 1)
+    if bq[0] > 0 or bq[-1] < tq:
+        out = torch.cat(
+            (out.new_zeros((bq[0], h, out.shape[-1])), out, out.new_zeros((tq - bq[-1], h, out.shape[-1])))
+        )
+    lse = None
+    if res.lse is not None:
+        lse = torch.full((h, tq), math.inf, dtype=torch.float32, device=q.device)
+        lse[:, bq[0] : bq[-1]] = res.lse.permute(1, 0, 2).reshape(h, n * lq)
+    return out, lse
+
+
+def _bucket_of(length: int) -> int:
+    return (max(length, MIN_BUCKET) - 1).bit_length()
+
+
+def _run_bucketed(
+    q: Tensor, k: Tensor, v: Tensor, bq: list[int], bk: list[int], opts: _Options, explicit: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Sequences grouped into a few padded batches; outputs put back with one index_select."""
+    tq, h = q.shape[0], q.shape[1]
+    dv = v.shape[-1]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in range(len(bq) - 1):
+        lq, lk = bq[i + 1] - bq[i], bk[i + 1] - bk[i]
+        if lq > 0 and lk > 0:  # no key: the row stays 0 (lse +inf)
+            groups.setdefault((_bucket_of(lq), _bucket_of(lk)), []).append(i)
+    source = torch.full((tq,), -1, dtype=torch.long)  # output row -> row of the stacked results
+    outs: list[Tensor] = []
+    lses: list[Tensor] = []
+    offset = 0
+    for idx in groups.values():
+        sq = torch.tensor([bq[i] for i in idx])
+        lq = torch.tensor([bq[i + 1] - bq[i] for i in idx])
+        sk = torch.tensor([bk[i] for i in idx])
+        lk = torch.tensor([bk[i + 1] - bk[i] for i in idx])
+        n, big_q, big_k = len(idx), int(lq.max()), int(lk.max())
+        rows_q, valid_q = _padded_rows(sq, lq, big_q)
+        source[rows_q[valid_q]] = (offset + torch.arange(n * big_q).view(n, big_q))[valid_q]
+        rows_k, _ = _padded_rows(sk, lk, big_k)
+        qb, kb, vb = _gather(q, rows_q), _gather(k, rows_k), _gather(v, rows_k)
+        slopes = opts.alibi
+        if slopes is not None and slopes.dim() == 2:
+            slopes = slopes[torch.tensor(idx, device=slopes.device)]
+        out_b, lse_b = _bucket_attention(qb, kb, vb, lq, lk, slopes, opts, explicit)
+        outs.append(out_b.reshape(n * big_q, h, dv))
+        if lse_b is not None:
+            lses.append(lse_b.permute(0, 2, 1).reshape(n * big_q, h))
+        offset += n * big_q
+    source[source < 0] = offset  # the zero row
+    src = source.to(q.device)
+    out = torch.cat([*outs, q.new_zeros((1, h, dv))]).index_select(0, src)
+    lse = None
+    if opts.want_lse:
+        inf_row = torch.full((1, h), math.inf, dtype=torch.float32, device=q.device)
+        lse = torch.cat([*lses, inf_row]).index_select(0, src).t().contiguous()
+    return out, lse
+
+
+def _padded_rows(starts: Tensor, lens: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """(n, width) source rows of each right-padded sequence (padding repeats its first row)."""
+    ar = torch.arange(width).view(1, -1)
+    valid = ar < lens.view(-1, 1)
+    rows = torch.where(valid, starts.view(-1, 1) + ar, starts.view(-1, 1))
+    return rows, valid
+
+
+def _gather(x: Tensor, rows: Tensor) -> Tensor:
+    """(n, width, ...) copy of the given rows of x; one sequence is a zero-copy slice."""
+    n, width = rows.shape
+    if n == 1:
+        start = int(rows[0, 0])
+        return x[start : start + width].unsqueeze(0)
+    return x.index_select(0, rows.flatten().to(x.device)).view(n, width, *x.shape[1:])
+
+
+def _bucket_attention(
+    qb: Tensor,
+    kb: Tensor,
+    vb: Tensor,
+    lq: Tensor,
+    lk: Tensor,
+    slopes: Tensor | None,
+    opts: _Options,
+    explicit: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """One batched call over right-padded sequences (lq/lk on the host); padded query rows are dropped."""
+    big_q, big_k = qb.shape[1], kb.shape[1]
+    if bool((lq == big_q).all()) and bool((lk == big_k).all()):  # no padding: dense semantics
+        res = attention(
+            qb, kb, vb, scale=opts.scale, left=opts.left, right=opts.right, dropout_p=opts.dropout_p,
+            softcap=opts.softcap, alibi_slopes=slopes, want_lse=opts.want_lse, explicit=explicit,
+        )  # fmt: skip
+        return res.out, res.lse
+    self_causal = opts.left < 0 and opts.right == 0 and bool((lq == lk).all())
+    if self_causal and slopes is None and not explicit:
+        # Top-left == bottom-right when Lq == Lk, and padded keys come after every real query.
+        return _sdpa(qb, kb, vb, scale=opts.scale, dropout_p=opts.dropout_p, is_causal=True), None
+    lq, lk = lq.to(qb.device), lk.to(qb.device)
+    mask, row_ok = _padding_mask(lq, lk, big_q, big_k, opts.left, opts.right)
+    shift = lk - lq
+    bias = _alibi_bias(slopes, big_q, big_k, shift, qb.device) if slopes is not None else None
+    if explicit:
+        res = explicit_attention(
+            qb, kb, vb, opts.scale, opts.dropout_p, opts.softcap, mask, bias, row_ok, False
+        )
+        return res.out, res.lse
+    return masked_sdpa(qb, kb, vb, opts.scale, opts.dropout_p, mask, bias, row_ok), None
+
+
+def _padding_mask(
+    lq: Tensor, lk: Tensor, big_q: int, big_k: int, left: int, right: int
+) -> tuple[Tensor, Tensor | None]:
+    """Bool (n, 1, Lq|1, Lk) mask of right-padded sequences, bottom-right aligned per sequence.
+
+    Rows that see no key (``row_ok`` False) are opened to every key and zeroed afterwards, so no
+    softmax row is empty: no NaN forward or backward.
+    """
+    n = lq.shape[0]
+    cols = torch.arange(big_k, device=lq.device).view(1, 1, big_k)
+    mask = cols < lk.view(n, 1, 1)
+    if left < 0 and right < 0:
+        return mask.unsqueeze(1), None  # key padding only: every row sees key 0
+    rows = torch.arange(big_q, device=lq.device).view(1, big_q, 1)
+    diag = rows + (lk - lq).view(n, 1, 1)
+    if right >= 0:
+        mask = mask & (cols <= diag + right)
+    if left >= 0:
+        mask = mask & (cols >= diag - left)
+    mask = mask.unsqueeze(1)
+    row_ok = mask.any(dim=-1, keepdim=True)
+    return mask | ~row_ok, row_ok
