@@ -1,18 +1,23 @@
 """The transformers version matrix: the whole test suite against every supported release, CPU torch 2.13.0.
 
-    python -m pip install torch==2.13.0 nox     # once, into the base interpreter (what .ci/run does)
+    python -m pip install torch==2.13.0 nox     # once: in a venv, or in the system interpreter
     python -m nox                               # the matrix: every release in RELEASES
     python -m nox -s newest                     # fast dev loop: the newest release only
     python -m nox -s "tests(transformers='4.46')"   # one release
+    python -m nox -s newest -- -x tests/test_policy.py  # arguments after -- go to pytest
     python -m nox -r ...                        # re-use the environments of an earlier run
 
-Why it is built this way (2 cores, clean box, under 60 minutes):
+Why it is built this way (2 cores, clean box, under 45 minutes):
 
-* torch is installed once, in the base interpreter, and shared: every session venv is created with
-  ``--system-site-packages`` from that base interpreter (``sys.base_prefix``: a venv made from a venv
-  would inherit the base's site-packages anyway, never the outer venv's). Each release's transformers,
-  tokenizers, huggingface_hub and test tools are installed into its own venv and win over the base's.
-  A constraint file pins torch==2.13.0 so pip can never pull a CUDA build.
+* torch is installed once, next to nox (in the venv or interpreter that runs ``python -m nox``), and
+  shared. Each session venv is made from the base interpreter with ``--system-site-packages``; when
+  the running interpreter finds torch elsewhere (a venv, or a user site the session does not see), the
+  session venv gets a path file, ``zz_sdpa_shim_torch.pth``, naming that site-packages directory.
+  So torch is the same package wherever it was installed, and costs nothing per session (installing it
+  into each session venv instead: about 22 s and 700 MB per session, measured). Each release's
+  transformers, tokenizers, huggingface_hub and test tools are installed into the session's own venv
+  and win over both. A constraint file pins torch==2.13.0 so pip can never pull a CUDA build. A missing
+  or wrong torch stops nox before any session starts, with one line naming the command that fixes it.
 * pip's wheel cache (the default ``~/.cache/pip``) is shared by all sessions: only the first download costs.
 * sdpa_shim itself is not installed: ``PYTHONPATH=src`` (the install tests build their own throwaway venvs
   and check that the test interpreter has no start-up file).
@@ -23,16 +28,19 @@ Why it is built this way (2 cores, clean box, under 60 minutes):
   reported as skipped with that reason, and ``docs/versions.md`` (checked by tests/test_versions_table.py)
   shows it. An unexpected install failure fails the session; it is never skipped silently.
 
-Measured on the 2-core dev box (other work running beside it; warm pip cache, fresh .nox), seconds per
-session, venv + install + pytest:
+Measured before 5.24 was added (2-core dev box, warm pip cache, fresh .nox; system-interpreter torch),
+seconds per session, venv + install + pytest:
     4.36 164   4.40 100   4.44 102   4.46 182   4.48 154   4.51 138   4.53 138   4.54 175
     4.55 154   4.56 168   4.57 168   5.0 159    5.4 149    5.12 140   5.23 243 (runs every file)
-    whole matrix: 2334 s (39 min). A cold pip cache adds the downloads (not measured).
-    Re-run with reused venvs (`nox -r`, same box): 34 min wall, 1-2 min per release, 4 min for the newest.
+    whole matrix: 2334 s (39 min). To be re-measured with .ci/run (fresh venv, 5.24 newest).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -56,20 +64,24 @@ RELEASES: dict[str, str] = {
     "5.4": "5.4.0",
     "5.12": "5.12.1",
     "5.23": "5.23.0",
+    "5.24": "5.24.0",
 }
 #: minor -> why that release cannot be installed or imported here (torch 2.13.0 CPU, Python 3.11).
 UNSUPPORTED: dict[str, str] = {}
-NEWEST = "5.23"
+NEWEST = "5.24"
 #: Test files whose subject does not depend on the transformers release (pure policy, the stand-in's
-#: numerics, CLI / start-up / launcher / notebook plumbing): they run once, in the newest release's
-#: session, and every other session ignores them. Everything about attention selection runs everywhere.
+#: numerics, CLI / start-up / launcher / notebook / packaging plumbing): they run once, in the newest
+#: release's session, and every other session ignores them. Everything about attention selection runs
+#: everywhere.
 RELEASE_INDEPENDENT = (
     "tests/test_policy.py",
     "tests/test_standin.py",
+    "tests/test_varlen_engine.py",
     "tests/test_cli.py",
     "tests/test_startup.py",
     "tests/test_launchers.py",
     "tests/test_notebooks.py",
+    "tests/test_install.py",
 )
 
 TORCH = "2.13.0"
@@ -81,16 +93,14 @@ TEST_DEPENDENCIES = (
     "hypothesis>=6",
     "packaging",
     "accelerate",
-    "setuptools>=68",
+    "setuptools>=77",
     "wheel",
 )
-#: A real Jupyter kernel for tests/test_notebooks.py (release-independent: newest session only).
-NOTEBOOK_DEPENDENCIES = ("nbclient", "nbformat", "ipykernel")
-CHECK_TORCH = (
-    "import sys, torch; v = torch.__version__.split('+')[0]; "
-    f"sys.exit(None if v == {TORCH!r} else f'torch {{torch.__version__}} in the base interpreter; '"
-    f"'run: python -m pip install torch=={TORCH}')"
-)
+#: For release-independent files, so installed in the newest session only: a real Jupyter kernel
+#: (tests/test_notebooks.py), and the publishing tools (tests/test_install.py: sdist + wheel, twine check).
+NEWEST_DEPENDENCIES = ("nbclient", "nbformat", "ipykernel", "build", "twine")
+#: The path file that shows the session venvs the site-packages directory where nox's interpreter has torch.
+TORCH_PTH = "zz_sdpa_shim_torch.pth"
 ROOT = Path(__file__).resolve().parent
 
 nox.options.sessions = ["tests"]
@@ -98,13 +108,71 @@ nox.options.default_venv_backend = "venv"
 nox.options.error_on_missing_interpreters = True
 
 
+def _fix(problem: str) -> str:
+    """One line: what is wrong and the command that fixes it."""
+    python = shlex.quote(sys.executable)
+    return f"noxfile: {problem}; run: {python} -m pip install torch=={TORCH}"
+
+
+def _torch_site() -> Path:
+    """The site-packages directory where the interpreter running nox finds torch, checked to be
+    torch==TORCH. torch is not imported (that takes seconds); a problem exits with one line."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit(_fix(f"torch is not installed for {sys.executable}, the Python running nox"))
+    site_dir = Path(next(iter(spec.submodule_search_locations))).resolve().parent
+    versions = [
+        dist.version
+        for dist in importlib.metadata.distributions(path=[str(site_dir)])
+        if (dist.metadata["Name"] or "").lower() == "torch"
+    ]
+    version = versions[0] if versions else "of unknown version"
+    if version.split("+")[0] != TORCH:
+        sys.exit(_fix(f"torch {version} is installed in {site_dir}; the test matrix needs torch=={TORCH}"))
+    return site_dir
+
+
+def _listing_only() -> bool:
+    """``nox -l`` / ``--json`` only lists sessions: no torch needed for that."""
+    return any(arg in ("-l", "--list", "--list-sessions", "--json") for arg in sys.argv[1:])
+
+
+#: Checked once, when nox loads this file: before any session creates or installs anything.
+TORCH_SITE = None if _listing_only() else _torch_site()
+
+#: Run in each session venv with TORCH_SITE: is the torch it imports the one nox's interpreter has?
+CHECK_TORCH = (
+    "import sys, torch; from pathlib import Path; v = torch.__version__; "
+    "where = Path(torch.__file__).resolve().parent.parent; "
+    f"sys.exit(None if v.split('+')[0] == {TORCH!r} and where == Path(sys.argv[1]) else "
+    "f'the session venv sees torch {v} in {where}, not the one in {sys.argv[1]}: delete .nox, run nox again')"
+)
+
+
 def _base_python() -> str:
-    """The base interpreter (where torch is installed), even when nox itself runs in a venv."""
+    """The base interpreter, even when nox itself runs in a venv (a venv made from a venv is made from
+    the base anyway); the session venvs see its site-packages (``--system-site-packages``)."""
     for name in ("python3", "python"):
         candidate = Path(sys.base_prefix, "bin", name)
         if candidate.exists():
             return str(candidate)
     return sys.executable
+
+
+def _share_torch(session: nox.Session) -> None:
+    """Let the session venv import the very torch nox's interpreter has, wherever that was installed."""
+    assert TORCH_SITE is not None
+    probe = "import json, sys, sysconfig; print(json.dumps([sysconfig.get_paths()['purelib'], sys.path]))"
+    # run_install: also with --install-only; None when --no-install re-uses the venv as it was left
+    output = session.run_install("python", "-c", probe, silent=True)
+    if output is None:
+        return
+    purelib, path = json.loads(str(output).strip().splitlines()[-1])
+    visible = {Path(entry).resolve() for entry in path if entry}
+    if TORCH_SITE not in visible:  # nox runs in a venv (or a user site): name its site-packages
+        Path(purelib, TORCH_PTH).write_text(f"{TORCH_SITE}\n")
+        session.log(f"torch from {TORCH_SITE} (via {TORCH_PTH})")
+    session.run_install("python", "-c", CHECK_TORCH, str(TORCH_SITE), silent=True)
 
 
 def _constraints(session: nox.Session) -> Path:
@@ -119,11 +187,10 @@ def _run_suite(session: nox.Session, minor: str) -> None:
         session.skip(f"transformers {minor} is unsupported: {UNSUPPORTED[minor]}")
     release = RELEASES[minor]
     constraints = _constraints(session)
-    # torch comes from the base interpreter; check it is the pinned CPU build before installing anything.
-    session.run("python", "-c", CHECK_TORCH, silent=True)
-    notebooks = NOTEBOOK_DEPENDENCIES if minor == NEWEST else ()  # the notebook tests run there only
+    _share_torch(session)
+    newest_only = NEWEST_DEPENDENCIES if minor == NEWEST else ()
     session.install(
-        "--constraint", str(constraints), f"transformers=={release}", *TEST_DEPENDENCIES, *notebooks
+        "--constraint", str(constraints), f"transformers=={release}", *TEST_DEPENDENCIES, *newest_only
     )
     session.run(
         "python",
@@ -138,6 +205,7 @@ def _run_suite(session: nox.Session, minor: str) -> None:
         "TOKENIZERS_PARALLELISM": "false",
     }
     once = [] if minor == NEWEST else [f"--ignore={path}" for path in RELEASE_INDEPENDENT]
+    # session.posargs (after ``--``) go to pytest: test files, -x, -k ...
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *once, *session.posargs, env=env)
 
 

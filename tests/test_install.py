@@ -1,0 +1,267 @@
+"""Ready to publish, and the README's test command works for a newcomer.
+
+* ``python -m build`` makes an sdist and, from it, a wheel; ``twine check --strict`` accepts both; the
+  metadata is complete; the wheel installs into a fresh venv (no system site-packages) and its start-up
+  files work there.
+* The README's test command, run as a user runs it: a fresh venv, torch and nox installed into it, then
+  nox creating its session venv, which must see the venv's torch. Inside nox only one test runs
+  (``test_nox_session_runs_on_the_venvs_torch``), so the whole path costs about a minute with a warm pip
+  cache (torch comes from the local wheel).
+* A missing or wrong torch is named by nox in one line, with the command that fixes it.
+
+Release independent: runs in the newest session only (``noxfile.RELEASE_INDEPENDENT``).
+"""
+
+from __future__ import annotations
+
+import email.parser
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCH = "2.13.0"
+#: The README's test command (.ci/run reads it with the same pattern and runs it verbatim).
+README_COMMAND = re.compile(r"^python -m pip install torch==[0-9.]+ nox && python -m nox$", re.MULTILINE)
+#: Set by test_readme_test_command_in_a_fresh_venv for the one test it runs inside nox.
+EXPECT_TORCH_SITE = "SDPA_SHIM_EXPECT_TORCH_SITE"
+STARTUP_FILES = ("sdpa_shim.pth", "sdpa_shim.start", "_sdpa_shim_startup.py")
+#: Not copied from the checkout: VCS data, environments, build outputs, caches.
+SKIPPED = (".git", ".nox", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis")
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """The environment a user's shell would have: none of this session venv, PYTHONPATH or the shim's
+    variables (nox puts its session venv first on PATH and sets VIRTUAL_ENV)."""
+    session_bin = str(Path(sys.prefix, "bin"))
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", EXPECT_TORCH_SITE)
+        and not key.startswith("SDPA_SHIM")
+    }
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != session_bin)
+    env.update(HF_HUB_OFFLINE="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env.update(overrides)
+    return env
+
+
+def base_python() -> str:
+    """The interpreter a user's ``python3 -m venv`` runs (the base of this session venv)."""
+    for name in ("python3", "python"):
+        candidate = Path(sys.base_prefix, "bin", name)
+        if candidate.exists():
+            return str(candidate)
+    return sys.executable
+
+
+def fresh_venv(path: Path) -> Path:
+    """``python3 -m venv PATH`` (with pip, without system site-packages); returns its python."""
+    subprocess.run([base_python(), "-m", "venv", str(path)], check=True, env=clean_env(), timeout=120)
+    return path / "bin" / "python"
+
+
+def purelib(python: Path) -> Path:
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    return Path(subprocess.check_output([str(python), "-c", code], text=True, env=clean_env()).strip())
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path | None = None, timeout: float = 300):
+    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+# --------------------------------------------------------------------------- sdist, wheel, metadata
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory) -> tuple[Path, Path]:
+    """``python -m build``: the sdist, then the wheel built from it (so the sdist must be complete)."""
+    pytest.importorskip("build", reason="python -m build (installed in the newest nox session)")
+    base = tmp_path_factory.mktemp("build")
+    project = base / "project"
+    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(*SKIPPED, "tests", "examples", "bench"))
+    out = base / "dist"
+    # --no-isolation: offline, with the session's setuptools (pyproject's build requirements)
+    result = run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(project)], clean_env()
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (sdist,) = out.glob("sdpa_shim-*.tar.gz")
+    (wheel,) = out.glob("sdpa_shim-*.whl")
+    return sdist, wheel
+
+
+def test_twine_check_accepts_the_sdist_and_the_wheel(dists):
+    pytest.importorskip("twine", reason="twine (installed in the newest nox session)")
+    result = run([sys.executable, "-m", "twine", "check", "--strict", *map(str, dists)], clean_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("PASSED") == 2, result.stdout
+
+
+def test_sdist_ships_what_the_wheel_is_built_from(dists):
+    sdist, _ = dists
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    expected = {"LICENSE", "README.md", "pyproject.toml", "setup.py"} | {f"src/{n}" for n in STARTUP_FILES}
+    assert expected <= names
+    assert "src/sdpa_shim/__init__.py" in names
+
+
+def test_wheel_carries_the_startup_files_and_complete_metadata(dists):
+    _, wheel = dists
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        (metadata_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        metadata = email.parser.Parser().parsestr(archive.read(metadata_name).decode())
+    assert set(STARTUP_FILES) <= names  # at the wheel root: site reads them from site-packages
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    project = pyproject()["project"]
+    assert metadata["Name"] == "sdpa_shim"
+    assert metadata["Version"] == project["version"]
+    assert metadata["Summary"] == project["description"]
+    assert metadata["Description-Content-Type"] == "text/markdown"
+    assert "## Supported versions" in metadata.get_payload()
+    assert metadata["License-Expression"] == project["license"]
+    assert metadata["License-File"] == "LICENSE"
+    assert metadata["Requires-Python"] == project["requires-python"]
+    urls = dict(entry.split(", ", 1) for entry in metadata.get_all("Project-URL"))
+    assert {"Homepage", "Documentation", "Repository", "Issues"} <= set(urls)
+    assert all(url.startswith("https://") for url in urls.values())
+    requires = [Requirement(r) for r in metadata.get_all("Requires-Dist")]
+    runtime = [r for r in requires if r.marker is None or "extra" not in str(r.marker)]
+    assert runtime == [Requirement(r) for r in project["dependencies"]]  # wrapt only
+
+
+def test_python_classifiers_match_requires_python():
+    project = pyproject()["project"]
+    match = re.fullmatch(r">=3\.(\d+)", project["requires-python"])
+    assert match, "requires-python is expected to be a plain lower bound, >=3.X"
+    minors = sorted(
+        int(c.rsplit(".", 1)[1])
+        for c in project["classifiers"]
+        if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)
+    )
+    assert minors, "no Programming Language :: Python :: 3.X classifiers"
+    assert minors[0] == int(match.group(1)), "the oldest classifier must be requires-python's lower bound"
+    assert minors == list(range(minors[0], minors[-1] + 1)), "classifiers must not skip a version"
+    assert sys.version_info.minor in minors  # the version CI runs on is claimed
+    assert "Programming Language :: Python :: 3 :: Only" in project["classifiers"]
+
+
+@pytest.fixture(scope="module")
+def bare_venv(tmp_path_factory) -> Path:
+    """A fresh venv without system site-packages (no torch, no transformers): its python."""
+    return fresh_venv(tmp_path_factory.mktemp("bare") / "venv")
+
+
+def test_wheel_installs_and_works_in_a_fresh_venv(dists, bare_venv):
+    _, wheel = dists
+    install = run([str(bare_venv), "-m", "pip", "install", "-q", str(wheel)], clean_env())
+    assert install.returncode == 0, install.stdout + install.stderr
+    site_packages = purelib(bare_venv)
+    for name in STARTUP_FILES[:2]:
+        assert (site_packages / name).is_file(), f"{name} is not at the root of site-packages"
+    probe = (
+        "import sys; m = sys.modules.get('sdpa_shim'); "
+        "print(m is not None, m is not None and m.is_active(), 'torch' in sys.modules)"
+    )
+    on = run([str(bare_venv), "-c", probe], clean_env(SDPA_SHIM="1"))
+    assert (on.returncode, on.stdout.split(), on.stderr) == (0, ["True", "True", "False"], "")
+    off = run([str(bare_venv), "-c", probe], clean_env())
+    assert (off.returncode, off.stdout.split(), off.stderr) == (0, ["False", "False", "False"], "")
+    cli = run([str(bare_venv.parent / "sdpa-shim"), "--help"], clean_env())
+    assert cli.returncode == 0, cli.stderr
+    assert "doctor" in cli.stdout
+
+
+# --------------------------------------------------------------------------- the README's test command
+
+
+def test_readme_has_the_test_command():
+    assert len(README_COMMAND.findall((ROOT / "README.md").read_text())) == 1
+    assert f"torch=={TORCH} " in README_COMMAND.search((ROOT / "README.md").read_text()).group()
+    assert "README.md" in (ROOT / ".ci" / "run").read_text()  # CI runs the command read from there
+
+
+def test_noxfile_names_a_missing_or_wrong_torch_in_one_line(bare_venv, tmp_path):
+    """Before any session creates or installs anything: one line, and the command that fixes it."""
+    install = run([str(bare_venv), "-m", "pip", "install", "-q", "nox"], clean_env())
+    assert install.returncode == 0, install.stdout + install.stderr
+    envdir = tmp_path / "nox-envs"
+    nox = [str(bare_venv), "-m", "nox", "-f", str(ROOT / "noxfile.py"), "--envdir", str(envdir)]
+    fix = f"run: {bare_venv} -m pip install torch=={TORCH}"
+
+    missing = run([*nox, "-s", "newest"], clean_env())
+    assert missing.returncode != 0
+    assert missing.stderr.strip().splitlines() == [missing.stderr.strip()]
+    assert "torch is not installed" in missing.stderr and missing.stderr.strip().endswith(fix)
+
+    site_packages = purelib(bare_venv)  # a stand-in for another torch release: metadata is enough
+    (site_packages / "torch").mkdir()
+    (site_packages / "torch" / "__init__.py").write_text("")
+    (site_packages / "torch-2.5.1.dist-info").mkdir()
+    (site_packages / "torch-2.5.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: torch\nVersion: 2.5.1\n"
+    )
+    try:
+        wrong = run([*nox, "-s", "newest"], clean_env())
+    finally:
+        shutil.rmtree(site_packages / "torch")
+        shutil.rmtree(site_packages / "torch-2.5.1.dist-info")
+    assert wrong.returncode != 0
+    assert wrong.stderr.strip().splitlines() == [wrong.stderr.strip()]
+    assert "torch 2.5.1 is installed" in wrong.stderr and wrong.stderr.strip().endswith(fix)
+
+    listing = run([*nox, "-l"], clean_env())  # listing sessions needs no torch
+    assert listing.returncode == 0, listing.stderr
+    assert not envdir.exists()
+
+
+def test_readme_test_command_in_a_fresh_venv(tmp_path, capsys):
+    """``python3 -m venv``, activate, then the README's command with ``-s newest -- ONE_TEST``."""
+    command = README_COMMAND.search((ROOT / "README.md").read_text()).group()
+    project = tmp_path / "checkout"
+    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(*SKIPPED))
+    venv = tmp_path / "venv"
+    python = fresh_venv(venv)
+    torch_site = purelib(python)
+    inner = "tests/test_install.py::test_nox_session_runs_on_the_venvs_torch"
+    env = clean_env(VIRTUAL_ENV=str(venv), **{EXPECT_TORCH_SITE: str(torch_site)})
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"  # what `source venv/bin/activate` does
+    result = run(["bash", "-c", f"{command} -s newest -- {inner}"], env, cwd=project, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert re.search(r"^1 passed in ", result.stdout, re.MULTILINE), output[-3000:]
+    (pth,) = (project / ".nox" / "newest").glob("lib/python3*/site-packages/zz_sdpa_shim_torch.pth")
+    assert pth.read_text().strip() == str(torch_site.resolve())
+
+
+def test_nox_session_runs_on_the_venvs_torch():
+    """Runs inside the nox session that test_readme_test_command_in_a_fresh_venv starts."""
+    expected = os.environ.get(EXPECT_TORCH_SITE)
+    if not expected:
+        pytest.skip(f"runs inside the README-command test's nox session ({EXPECT_TORCH_SITE} unset)")
+    import torch
+    import transformers
+
+    import sdpa_shim
+
+    assert Path(torch.__file__).resolve().is_relative_to(Path(expected).resolve())
+    assert torch.__version__.split("+")[0] == TORCH
+    assert transformers.__version__ == os.environ["SDPA_SHIM_MATRIX_RELEASE"]
+    assert Path(sdpa_shim.__file__).resolve().is_relative_to(Path.cwd().resolve() / "src")
