@@ -57,6 +57,7 @@ class Features:
     varlen_attn: Callable[..., Any] | None  # torch.nn.attention.varlen.varlen_attn (torch >= 2.10)
     varlen_params: frozenset[str]  # its parameter names (they changed in 2.11 and 2.12)
     aux_request: type | None  # AuxRequest, for the log-sum-exp
+    varlen_attn_devices: frozenset[str] = frozenset({"cuda"})  # where varlen_attn has kernels
 
 
 @functools.cache

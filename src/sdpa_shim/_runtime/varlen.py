@@ -268,7 +268,7 @@ def _varlen_attn_refusal(q: Tensor, k: Tensor, v: Tensor, opts: _Options) -> str
     d = q.shape[-1]
     reasons = (
         (f.varlen_attn is None, "torch has no varlen_attn"),
-        (not q.is_cuda, "not CUDA"),
+        (q.device.type not in f.varlen_attn_devices, f"no varlen_attn kernel on {q.device.type}"),
         (q.dtype not in _HALF or k.dtype != q.dtype or v.dtype != q.dtype, "not fp16/bf16"),
         (v.shape[-1] != d or d > 256 or d % 8, "head dims"),
         (opts.softcap > 0 or opts.alibi is not None or opts.dropout_p > 0, "softcap/alibi/dropout"),
@@ -489,6 +489,8 @@ def _run_bucketed(
     source[source < 0] = offset  # the zero row
     src = source.to(q.device)
     out = torch.cat([*outs, q.new_zeros((1, h, dv))]).index_select(0, src)
+    if not outs and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        out = out + 0 * (q.sum() + k.sum() + v.sum())  # nothing to attend: zeros, still on the graph
     lse = None
     if opts.want_lse:
         inf_row = torch.full((1, h), math.inf, dtype=torch.float32, device=q.device)
