@@ -29,7 +29,7 @@ def main() -> None:
         )
         return
     try:
-        from sdpa_shim._startup import activate
+        from sdpa_shim._surfaces.startup import activate
 
         activate()
     except Exception as exc:

@@ -15,7 +15,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import sdpa_shim
 from fakes import forget_flash_attn, write_flash_attn_distribution
-from sdpa_shim import _decisions, _detect, _faults, _probe, _settings
+from sdpa_shim._core import decisions as _decisions
+from sdpa_shim._core import detect as _detect
+from sdpa_shim._core import faults as _faults
+from sdpa_shim._core import probe as _probe
+from sdpa_shim._core import settings as _settings
 
 SHIM_VARIABLES = ("SDPA_SHIM", "SDPA_SHIM_FALLBACK", "SDPA_SHIM_BACKEND", "SDPA_SHIM_STANDIN")
 

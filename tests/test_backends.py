@@ -16,7 +16,7 @@ from transformers import LlamaForCausalLM
 
 import sdpa_shim
 from models import input_ids, logits, tiny_llama_config
-from sdpa_shim import _backends
+from sdpa_shim._runtime import backends as _backends
 
 FLAGS = ("flash", "efficient", "math", "cudnn")
 SETTERS = ("_set_sdp_use_flash", "_set_sdp_use_mem_efficient", "_set_sdp_use_math", "_set_sdp_use_cudnn")

@@ -15,7 +15,8 @@ import sys
 import pytest
 
 from fakes import BROKEN_IMPORT_ERROR, forget_flash_attn, write_flash_attn_distribution
-from sdpa_shim import _cli, _startup
+from sdpa_shim._surfaces import cli as _cli
+from sdpa_shim._surfaces import startup as _startup
 from sdpa_shim.__main__ import main
 from test_startup import (  # noqa: F401 - transformers_supported is named in a skip condition
     SRC,

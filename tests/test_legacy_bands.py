@@ -224,7 +224,7 @@ def test_dict_request_is_decided_per_sub_model(shim_records):
 
 
 def test_hooked_methods_are_the_band_a_b_choke_points():
-    from sdpa_shim._patch import patched_methods
+    from sdpa_shim._integration.patch import patched_methods
 
     patched = patched_methods()
     assert "PreTrainedModel._autoset_attn_implementation" in patched
@@ -233,7 +233,7 @@ def test_hooked_methods_are_the_band_a_b_choke_points():
 
 
 def _usable_flash(monkeypatch):
-    from sdpa_shim import _detect
+    from sdpa_shim._core import detect as _detect
 
     usable = _detect.FlashStatus("flash_attention_2", True, "", "2.7.4")
     monkeypatch.setitem(_detect._cache, "flash_attention_2", usable)

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sdpa_shim._detect import FlashStatus
-from sdpa_shim._policy import Decision, ModelFacts, decide, flash_implementation
-from sdpa_shim._settings import (
+from sdpa_shim._core.detect import FlashStatus
+from sdpa_shim._core.policy import Decision, ModelFacts, decide, flash_implementation
+from sdpa_shim._core.settings import (
     BACKEND_VALUES,
     FALLBACK_VALUES,
     FALSE_VALUES,

@@ -22,13 +22,13 @@ from models import save_tiny_llava, tiny_llama_config
 TRANSFORMERS = Version(transformers.__version__)
 
 FAULT_POINTS = [
-    "sdpa_shim._detect._compute",
-    "sdpa_shim._resolve.read_settings",
-    "sdpa_shim._resolve.model_facts",
-    "sdpa_shim._resolve.decide",
-    "sdpa_shim._probe.sdpa_error",
-    "sdpa_shim._attention.mark",
-    "sdpa_shim._decisions.record",
+    "sdpa_shim._core.detect._compute",
+    "sdpa_shim._integration.resolve.read_settings",
+    "sdpa_shim._integration.resolve.model_facts",
+    "sdpa_shim._integration.resolve.decide",
+    "sdpa_shim._core.probe.sdpa_error",
+    "sdpa_shim._integration.registry.mark",
+    "sdpa_shim._core.decisions.record",
 ]
 
 
@@ -82,7 +82,7 @@ def test_fault_in_packed_check_falls_back_to_plain_sdpa(monkeypatch, caplog):
     def boom(*args, **kwargs):
         raise RuntimeError("injected fault in boundaries")
 
-    monkeypatch.setattr("sdpa_shim._packed.boundaries", boom)
+    monkeypatch.setattr("sdpa_shim._runtime.packed.boundaries", boom)
     caplog.set_level(logging.DEBUG, logger="sdpa_shim")
     sdpa_shim.deactivate()
     reference = LlamaForCausalLM(tiny_llama_config(attn_implementation="sdpa"))
@@ -99,11 +99,11 @@ def test_fault_in_packed_check_falls_back_to_plain_sdpa(monkeypatch, caplog):
     "sabotage, where",
     [
         (
-            "import sdpa_shim._hooks as h\ndef boom(*a):\n    raise RuntimeError('injected')\nh.hooks_for = boom\n",
+            "import sdpa_shim._integration.hooks as h\ndef boom(*a):\n    raise RuntimeError('injected')\nh.hooks_for = boom\n",
             "patching transformers.modeling_utils",
         ),
         (
-            "import sdpa_shim._patch as p\ndef boom(*a):\n    raise RuntimeError('injected')\np._install = boom\n",
+            "import sdpa_shim._integration.patch as p\ndef boom(*a):\n    raise RuntimeError('injected')\np._install = boom\n",
             "patching transformers.modeling_utils",
         ),
     ],
@@ -190,7 +190,7 @@ print("debug", any("can run here" in r.getMessage() for r in records))
 
 def _wrapped_once() -> bool:
     """Every method the shim patched is one wrapper directly around transformers' original."""
-    from sdpa_shim import _patch
+    from sdpa_shim._integration import patch as _patch
 
     return bool(_patch._originals) and all(
         vars(owner)[name].__wrapped__ is original for (owner, name), original in _patch._originals.items()
@@ -228,7 +228,7 @@ def test_threads_building_at_once(shim_records):
 
 
 def test_activate_deactivate_racing_loads():
-    from sdpa_shim import _patch
+    from sdpa_shim._integration import patch as _patch
 
     sdpa_shim.deactivate()
     registry = getattr(transformers.modeling_utils, "ALL_ATTENTION_FUNCTIONS", None)

@@ -28,7 +28,9 @@ import sdpa_shim
 from fakes import forget_flash_attn, write_flash_attn_distribution
 from fresh import run_python
 from remote_models import PATTERNS, attention_classes, build, load, run
-from sdpa_shim import _detect, _remote_code, _standin_import
+from sdpa_shim._core import detect as _detect
+from sdpa_shim._integration import remote_code as _remote_code
+from sdpa_shim._integration import standin_import as _standin_import
 
 TRANSFORMERS = Version(transformers.__version__)
 #: 4.45+: ``check_imports`` skips imports under ``if is_flash_attn_*_available():`` and re-raises an

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import sdpa_shim
-from sdpa_shim import _startup
+from sdpa_shim._surfaces import startup as _startup
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -65,7 +65,7 @@ def shim_warnings(stderr: str) -> list[str]:
 
 
 def flash_attn_usable_here() -> bool:
-    from sdpa_shim._detect import flash_status
+    from sdpa_shim._core.detect import flash_status
 
     return flash_status("flash_attention_2").usable
 
@@ -74,7 +74,7 @@ def transformers_supported() -> bool:
     """True when the core hooks this transformers release (else start-up has nothing to show)."""
     import transformers.modeling_utils
 
-    from sdpa_shim._hooks import hooks_for
+    from sdpa_shim._integration.hooks import hooks_for
 
     return bool(hooks_for(transformers.modeling_utils.PreTrainedModel))
 
@@ -280,7 +280,7 @@ def test_startup_activate_never_raises(monkeypatch, caplog):
         raise RuntimeError("boom")
 
     monkeypatch.setenv("SDPA_SHIM", "1")
-    monkeypatch.setattr("sdpa_shim._patch.activate", broken)
+    monkeypatch.setattr("sdpa_shim._integration.patch.activate", broken)
     assert _startup.activate() is False
     assert "start-up activation failed (RuntimeError: boom)" in caplog.text
 
@@ -352,10 +352,10 @@ def test_flash_request_works_and_warns_with_sdpa_shim_1(install, tiny_model_dir)
         pytest.skip("needs an unusable flash-attn and a transformers release the core hooks")
     check = LOAD_FLASH + textwrap.dedent("""
         import sdpa_shim  # a later import must not activate or wrap a second time
-        from sdpa_shim import _patch
+        from sdpa_shim._integration import patch as _patch
         wrappers = [vars(owner)[name] for owner, name in _patch._originals]
         print("wrapped:", len(wrappers) > 0, "double wrapped:", any(isinstance(w.__wrapped__, type(w)) for w in wrappers))
-        print("activated at start:", sdpa_shim._startup.activated_at_startup())
+        print("activated at start:", sdpa_shim._surfaces.startup.activated_at_startup())
     """)
     result = install.run(["-c", check, str(tiny_model_dir)], clean_env(SDPA_SHIM="1"))
     assert result.returncode == 0, result.stderr

@@ -196,8 +196,8 @@ def test_this_release_row_matches_what_the_shim_hooked():
     import transformers
     import transformers.modeling_utils
 
-    from sdpa_shim import _availability
-    from sdpa_shim._patch import patched_methods
+    from sdpa_shim._integration import availability as _availability
+    from sdpa_shim._integration.patch import patched_methods
 
     band = band_of(transformers.__version__)
     assert band is not None, f"transformers {transformers.__version__} is in no band of docs/versions.md"

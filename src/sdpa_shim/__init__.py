@@ -11,25 +11,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._patch import activate, deactivate, is_active
+from ._integration.patch import activate, deactivate, is_active
+from ._version import __version__
 
 if TYPE_CHECKING:
-    from ._policy import Decision
+    from ._core.policy import Decision
 
-__version__ = "0.1.0"
 __all__ = ["Decision", "__version__", "activate", "deactivate", "decisions", "is_active"]
 
 
 def decisions() -> list[Decision]:
     """Every downgrade made so far in this process, oldest first (see ``Decision``)."""
-    from ._decisions import decisions as recorded
+    from ._core.decisions import decisions as recorded
 
     return recorded()
 
 
 def __getattr__(name: str) -> object:
     if name == "Decision":  # imported on first use: keeps ``import sdpa_shim`` in the milliseconds
-        from ._policy import Decision
+        from ._core.policy import Decision
 
         return Decision
     raise AttributeError(f"module 'sdpa_shim' has no attribute {name!r}")

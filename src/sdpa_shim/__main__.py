@@ -7,7 +7,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return the exit status."""
-    from ._cli import main as cli_main
+    from ._surfaces.cli import main as cli_main
 
     return cli_main(argv)
 

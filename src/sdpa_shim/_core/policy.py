@@ -11,8 +11,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ._detect import FlashStatus
-from ._settings import Settings
+from .detect import FlashStatus
+from .settings import Settings
 
 _FLASH_REQUEST = re.compile(r"^(?P<prefix>paged\|)?(?P<impl>flash_attention_[234])$")
 _HALF_DTYPES = frozenset({"float16", "bfloat16"})

@@ -4,8 +4,8 @@ From 4.48 transformers looks the attention function up per forward in ``ALL_ATTE
 by name. The shim keeps the name "sdpa" (so masks, generation and saved configs behave as with a
 plain "sdpa" load) and wraps that entry: calls from models the shim did *not* downgrade go straight
 to transformers' function; calls from downgraded models go through ``_backends.dispatch``, which may
-pick SDPA backends, and packed-sequence handling. Downgraded models are recognised by the identity
-of their config object, so nothing is written into the config (and nothing can be saved by
+pick SDPA backends, and packed-sequence handling (``_runtime``). Downgraded models are recognised by the
+identity of their config object, so nothing is written into the config (and nothing can be saved by
 ``save_pretrained``).
 """
 
@@ -80,7 +80,9 @@ def _global_mapping(modeling_utils: ModuleType) -> dict[str, Any] | None:
 
 
 def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
-    from . import _backends, _faults, _packed
+    from .._core import faults as _faults
+    from .._runtime import backends as _backends
+    from .._runtime import packed as _packed
 
     def sdpa_attention_forward(
         module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any

@@ -1,4 +1,4 @@
-"""Activation state and the wrapt mechanics: install, uninstall, and the post-import hook.
+"""Activation and the wrapt mechanics: install, uninstall, and the post-import hook (state: ``_state``).
 
 The hook targets ``transformers.modeling_utils`` (not the lazy top-level ``transformers``), so
 importing the shim before or after transformers gives the same result. Wrappers go on the raw
@@ -7,46 +7,43 @@ the very same original objects back.
 
 Importing wrapt costs tens of milliseconds, so while transformers is not imported yet the shim only
 leaves a tiny watcher on ``sys.meta_path``; the first ``import transformers`` registers the real
-wrapt post-import hook (see ``_watch``).
+wrapt post-import hook (see ``watch``).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import threading
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from . import _faults
-from ._settings import disabled_by_env
-from ._watch import when_package_imported
+from .. import _state
+from .._core import faults as _faults
+from .._core.settings import disabled_by_env
+from .._state import DYNAMIC_MODULE_UTILS, MODELING_UTILS, is_active
+from .watch import when_package_imported
 
 if TYPE_CHECKING:
-    from ._hooks import Rewrite
+    from .rewrite import Rewrite
 
 logger = logging.getLogger(__name__)
 
-MODELING_UTILS = "transformers.modeling_utils"
-DYNAMIC_MODULE_UTILS = "transformers.dynamic_module_utils"  # remote code: see _remote_code
+__all__ = ["DYNAMIC_MODULE_UTILS", "MODELING_UTILS", "activate", "deactivate", "is_active", "patched_methods"]
 
-_lock = threading.RLock()
-_active = False
+_lock = _state.lock
 _hook_registered = False
 #: (class, attribute name) -> the original object found in ``vars(class)``.
 _originals: dict[tuple[type, str], Any] = {}
-_wrapper_type: type | None = None
 
 
 def activate() -> bool:
     """Turn the shim on (idempotent, thread-safe). Returns False when ``SDPA_SHIM`` says off."""
-    global _active
     if disabled_by_env():
         logger.info("SDPA_SHIM is off: sdpa_shim stays inactive")
         return False
     with _lock:
-        _active = True
-        from ._standin_import import install_if_opted_in
+        _state.set_active(True)
+        from .remote_code import install_if_opted_in
 
         install_if_opted_in()  # SDPA_SHIM_STANDIN=1 also serves code that never loads a remote model
         if _hook_registered:
@@ -63,23 +60,18 @@ def activate() -> bool:
 
 def deactivate() -> None:
     """Turn the shim off and put transformers' original functions back (identity-equal)."""
-    global _active
     with _lock:
-        _active = False
-        if _wrapper_type is not None:
-            from . import _attention, _remote_code
+        _state.set_active(False)
+        wrapper_type = _state.wrapper_type_if_created()
+        if wrapper_type is not None:
+            from . import registry, remote_code
 
-            _attention.uninstall()
-            _remote_code.uninstall()
+            registry.uninstall()
+            remote_code.uninstall()
         for (owner, name), original in list(_originals.items()):
-            if _wrapper_type is not None and isinstance(vars(owner).get(name), _wrapper_type):
+            if wrapper_type is not None and isinstance(vars(owner).get(name), wrapper_type):
                 setattr(owner, name, original)
             del _originals[(owner, name)]
-
-
-def is_active() -> bool:
-    """True while the shim is on (transformers is patched as soon as it is imported)."""
-    return _active
 
 
 def patched_methods() -> list[str]:
@@ -100,7 +92,7 @@ def _register_post_import_hook() -> None:
             _hook_registered = True
             wrapt.register_post_import_hook(_on_modeling_utils_import, MODELING_UTILS)
             wrapt.register_post_import_hook(_on_dynamic_module_utils_import, DYNAMIC_MODULE_UTILS)
-        from ._availability import install as patch_flash_availability  # never raises
+        from .availability import install as patch_flash_availability  # never raises
 
         patch_flash_availability()  # before transformers' modeling modules read is_flash_attn_2_available
     except Exception as error:
@@ -111,7 +103,7 @@ def _on_modeling_utils_import(module: ModuleType) -> None:
     """Post-import hook: must never raise, or the user's ``import transformers`` would fail."""
     try:
         with _lock:
-            if _active:  # wrapt cannot unregister a hook; a deactivated shim leaves it inert
+            if is_active():  # wrapt cannot unregister a hook; a deactivated shim leaves it inert
                 _install(module)
     except Exception as error:
         _faults.report(f"patching {MODELING_UTILS}", error, "transformers is left unchanged")
@@ -121,31 +113,21 @@ def _on_dynamic_module_utils_import(module: ModuleType) -> None:
     """Post-import hook for remote code loading; like the one above, it must never raise."""
     try:
         with _lock:
-            if _active:
+            if is_active():
                 _install_remote_code(module)
     except Exception as error:
         _faults.report(f"patching {DYNAMIC_MODULE_UTILS}", error, "remote code loads as without the shim")
 
 
 def _install_remote_code(module: ModuleType) -> None:
-    from . import _remote_code
+    from . import remote_code
 
-    _shim_wrapper_type()
-    _remote_code.install(module)
-
-
-def _shim_wrapper_type() -> type:
-    """``wrapt.FunctionWrapper`` subclass marking the shim's wrappers (double wrapping = isinstance)."""
-    global _wrapper_type
-    if _wrapper_type is None:
-        import wrapt
-
-        _wrapper_type = type("ShimWrapper", (wrapt.FunctionWrapper,), {"__module__": __name__})
-    return _wrapper_type
+    _state.wrapper_type()
+    remote_code.install(module)
 
 
 def _install(module: ModuleType) -> None:
-    from ._hooks import hooks_for
+    from .hooks import hooks_for
 
     owner = module.PreTrainedModel
     hooks = hooks_for(owner)
@@ -156,16 +138,16 @@ def _install(module: ModuleType) -> None:
             version,
         )
         return
-    wrapper_type = _shim_wrapper_type()
+    wrapper_type = _state.wrapper_type()
     for name, rewrite in hooks.items():
         raw = vars(owner)[name]
         if isinstance(raw, wrapper_type):
             continue
         _originals[(owner, name)] = raw
         setattr(owner, name, wrapper_type(raw, _guarded(rewrite, name)))
-    from . import _attention
+    from . import registry
 
-    _attention.install(module)
+    registry.install(module)
     logger.debug("sdpa_shim patched %s", ", ".join(f"{owner.__name__}.{name}" for name in hooks))
 
 
@@ -176,7 +158,7 @@ def _guarded(rewrite: Rewrite, name: str) -> Any:
     """
 
     def wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if _active:
+        if is_active():
             try:
                 rewritten = rewrite(instance, args, kwargs)
             except Exception as error:

@@ -79,7 +79,7 @@ def is_patched() -> bool:
 
 def flash_import_broken() -> str:
     """The import error when flash-attn is installed but ``import flash_attn`` fails, else ""."""
-    from ._detect import PACKAGES, flash_status
+    from .._core.detect import PACKAGES, flash_status
 
     status = flash_status(IMPLEMENTATION)
     prefix = f"{PACKAGES[IMPLEMENTATION].module} import failed"
@@ -88,13 +88,13 @@ def flash_import_broken() -> str:
 
 def _available(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The wrapper: transformers' answer, except False when the shim is on and the import is broken."""
-    from ._remote_code import availability_for_caller  # True for remote code the stand-in serves
+    from .remote_window import availability_for_caller  # True for remote code the stand-in serves
 
     result = wrapped(*args, **kwargs)
     if not result:
         return availability_for_caller(result)
     try:
-        from ._patch import is_active
+        from .._state import is_active
 
         broken = is_active() and flash_import_broken()
     except Exception:

@@ -1,11 +1,11 @@
-"""``import flash_attn`` answered by ``sdpa_shim.standin``, only when ``_remote_code`` says so.
+"""``import flash_attn`` answered by ``sdpa_shim.standin``, only when the installed policy says so.
 
 A meta path finder maps ``flash_attn`` and ``flash_attn.X`` onto the module objects
 ``sdpa_shim.standin`` and ``sdpa_shim.standin.X``: aliases, not copies, so both names give the same
 functions. It is inserted once and then left on ``sys.meta_path``: removing a finder while another
 thread iterates ``sys.meta_path`` can make that thread skip the next finder. For every lookup it asks
-``_remote_code.should_serve``; when the answer is no it returns None and the import goes on exactly
-as without the shim.
+the policy given to ``install`` (``remote_window.should_serve``); when the answer is no it
+returns None and the import goes on exactly as without the shim.
 
 What the finder serves lands in ``sys.modules`` under the ``flash_attn`` names. ``drop_standin``
 takes it out again, and ``hide_real``/``restore`` park a real but unusable flash_attn (importable, no
@@ -20,10 +20,11 @@ import importlib.util
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from . import _faults
+from .._core import faults as _faults
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,14 @@ _lock = threading.Lock()
 #: Set while this thread is inside the finder: imports made meanwhile (detection importing the real
 #: flash_attn, the stand-in importing torch) must not come back to it.
 _busy = threading.local()
+
+
+#: The question asked for every ``flash_attn*`` lookup: serve this name from the stand-in?
+def _never(fullname: str) -> bool:
+    return False
+
+
+_policy: Callable[[str], bool] = _never
 
 
 def is_flash_name(name: str) -> bool:
@@ -105,25 +114,16 @@ def spec_for(fullname: str) -> Any:
     )
 
 
-def install() -> None:
-    """Put the finder first on ``sys.meta_path`` (idempotent). Never raises."""
+def install(policy: Callable[[str], bool]) -> None:
+    """Put the finder first on ``sys.meta_path`` (idempotent) and ask ``policy`` from now on. Never raises."""
+    global _policy
     try:
         with _lock:
+            _policy = policy
             if not any(isinstance(finder, StandinFinder) for finder in sys.meta_path):
                 sys.meta_path.insert(0, StandinFinder())
     except Exception as error:
         _faults.report("installing the flash_attn stand-in finder", error, "flash_attn is left alone")
-
-
-def install_if_opted_in() -> None:
-    """``SDPA_SHIM_STANDIN=1``: install at activation, to serve code that never loads a remote model."""
-    try:
-        from ._settings import read_settings
-
-        if read_settings().standin_everywhere:
-            install()
-    except Exception as error:
-        _faults.report("reading SDPA_SHIM_STANDIN", error, "flash_attn is left alone")
 
 
 def hide_real() -> dict[str, ModuleType | None]:
@@ -154,9 +154,3 @@ def _parent_is_standin(fullname: str) -> bool:
     """A child of a stand-in already in ``sys.modules`` must be the stand-in's child too (no duplicates)."""
     parent = fullname.rpartition(".")[0]
     return bool(parent) and is_standin(sys.modules.get(parent))
-
-
-def _policy(fullname: str) -> bool:
-    from ._remote_code import should_serve
-
-    return should_serve(fullname)

@@ -10,8 +10,9 @@ When flash-attn cannot run here and the shim is active:
 - While such a model loads, that is inside ``get_class_in_module`` (the remote module runs) and inside
   ``__init__`` of the model class it returned (``from_pretrained``, ``from_config``, direct construction,
   lazy imports), a *remote module* (``transformers_modules.*``) that imports ``flash_attn`` in this
-  thread gets the PyTorch stand-in (``_standin_import``), and ``is_flash_attn_2_available()`` called
-  *from a remote module* answers True, so guarded imports run and define their names.
+  thread gets the PyTorch stand-in (``standin_import``, ``remote_window``), and
+  ``is_flash_attn_2_available()`` called *from a remote module* answers True, so guarded imports run
+  and define their names.
 - When the last such window closes, the stand-in leaves ``sys.modules`` (a real but unusable flash_attn
   that was importable is put back): everywhere else ``import flash_attn`` and transformers' own checks
   behave exactly as without the shim. The remote modules keep the functions they bound.
@@ -26,64 +27,36 @@ import logging
 import sys
 import threading
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import _faults, _patch, _standin_import
-from ._detect import PACKAGES, FlashStatus, flash_status
-from ._settings import read_settings
+from .. import _state
+from .._core import faults as _faults
+from .._core.detect import flash_status
+from .._state import is_active
+from . import standin_import
+from .remote_window import IMPLEMENTATION, clear, install_if_opted_in, loading, should_serve, standin_uses
+
+__all__ = ["clear", "install", "install_if_opted_in", "loading", "standin_uses", "uninstall"]
 
 logger = logging.getLogger(__name__)
-announcer = logging.getLogger("sdpa_shim")
 
-IMPLEMENTATION = "flash_attention_2"
 PACKAGE = "flash_attn"
-REMOTE_PREFIX = "transformers_modules."
-#: Top-level names of frames that are plumbing, not the code that imports or asks.
-_PLUMBING = frozenset({"importlib", "_frozen_importlib", "_frozen_importlib_external", "sdpa_shim", "wrapt"})
 _MISSING = object()
 
-
-@dataclass(frozen=True)
-class StandinUse:
-    """A model whose flash_attn imports the stand-in served: its class, the importing modules, why."""
-
-    model: str
-    importers: tuple[str, ...]
-    reason: str
-
-
-@dataclass(eq=False)
-class _Window:
-    """One model being loaded in one thread."""
-
-    label: str  # the model class the WARNING names
-    status: FlashStatus
-    importers: list[str] = field(default_factory=list)
-
-
 _lock = threading.RLock()
-_open_windows = 0  # in all threads
-_hidden: dict[str, ModuleType | None] = {}  # real flash_attn entries parked while windows are open
-_local = threading.local()  # .windows: this thread's open windows, outermost first
 _module: ModuleType | None = None  # the patched transformers.dynamic_module_utils
 _patched: dict[str, Any] = {}  # function name -> original
 _adopted: list[tuple[weakref.ref[type], Any]] = []  # (model class, its own __init__ or _MISSING)
-_uses: list[StandinUse] = []
-_announced: set[tuple[str, str, str]] = set()
-_everywhere_announced = False
 
 
 def install(dynamic_module_utils: ModuleType) -> None:
     """Wrap ``get_imports`` and ``get_class_in_module`` (idempotent); install the finder. Never raises."""
     global _module
     try:
-        wrapper_type = _patch._shim_wrapper_type()
-        _standin_import.install()
+        wrapper_type = _state.wrapper_type()
+        standin_import.install(should_serve)
         with _lock:
             _module = dynamic_module_utils
             for name, wrapper in (
@@ -121,179 +94,11 @@ def uninstall() -> None:
                 cls.__init__ = own  # type: ignore[misc]
 
 
-def standin_uses() -> list[StandinUse]:
-    """Every model load the stand-in served so far in this process, oldest first."""
-    with _lock:
-        return list(_uses)
-
-
-def clear() -> None:
-    """Forget served models, so the next one warns again (tests)."""
-    global _everywhere_announced
-    with _lock:
-        _uses.clear()
-        _announced.clear()
-        _everywhere_announced = False
-
-
-@contextmanager
-def loading(label: str) -> Iterator[None]:
-    """While the body runs, remote modules that import flash_attn in this thread get the stand-in."""
-    window = _open(label)
-    try:
-        yield
-    finally:
-        if window is not None:
-            _close(window)
-
-
-def should_serve(fullname: str) -> bool:
-    """The finder's question: serve this ``flash_attn*`` import from the stand-in?"""
-    if not _patch.is_active():
-        return False
-    windows = _windows()
-    if windows:
-        importer = _caller_module()
-        if importer.startswith(REMOTE_PREFIX):
-            if importer not in windows[0].importers:
-                windows[0].importers.append(importer)
-            return True
-    if read_settings().standin_everywhere:
-        if _caller_module().split(".")[0] == "transformers":
-            return False  # transformers' own probes (find_spec in is_flash_attn_2_available) see the truth
-        # First use may import the real flash_attn here (same thread: the import lock is re-entrant).
-        status = flash_status(IMPLEMENTATION)
-        if _serves_everywhere(status):
-            _announce_everywhere(status)
-            return True
-    return False
-
-
-def availability_for_caller(answer: Any) -> Any:
-    """``is_flash_attn_2_available()`` as its caller should see it: True for a remote module loading here.
-
-    ``_availability`` calls this with transformers' negative answer. Never raises.
-    """
-    try:
-        if answer or not _windows() or not _patch.is_active():
-            return answer
-        caller = _caller_module()
-        if not caller.startswith(REMOTE_PREFIX):
-            return answer
-        logger.debug("is_flash_attn_2_available() is True for %s: the stand-in serves its imports", caller)
-        return True
-    except Exception as error:
-        _faults.report("the remote-code availability check", error, "transformers' answer stands")
-        return answer
-
-
-def _open(label: str) -> _Window | None:
-    global _open_windows
-    try:
-        if not _patch.is_active():
-            return None
-        status = flash_status(IMPLEMENTATION)  # before any import lock is held by the window's imports
-        if status.usable:
-            return None
-        _standin_import.install()
-        window = _Window(label, status)
-        with _lock:
-            if _open_windows == 0:
-                _hidden.update(_standin_import.hide_real())
-            _open_windows += 1
-        _windows().append(window)
-        return window
-    except Exception as error:
-        _faults.report("opening a remote-code load", error, "flash_attn is imported as without the shim")
-        return None
-
-
-def _close(window: _Window) -> None:
-    global _open_windows
-    try:
-        windows = _windows()
-        for index, open_window in enumerate(windows):
-            if open_window is window:
-                del windows[index]
-                break
-        with _lock:
-            _open_windows -= 1
-            if _open_windows == 0:
-                if not _serves_everywhere(window.status):
-                    dropped = _standin_import.drop_standin()
-                    logger.debug("stand-in left sys.modules: %s", ", ".join(dropped) or "nothing served")
-                _standin_import.restore(_hidden)
-                _hidden.clear()
-        if window.importers:
-            _announce(window)
-    except Exception as error:
-        _faults.report("closing a remote-code load", error, "the stand-in may stay in sys.modules")
-
-
-def _announce(window: _Window) -> None:
-    use = StandinUse(window.label, tuple(window.importers), window.status.reason)
-    files = ", ".join(name.rpartition(".")[2] for name in use.importers)
-    key = (use.model, files, use.reason)  # the same model code from another directory is the same model
-    with _lock:
-        _uses.append(use)
-        first = key not in _announced
-        _announced.add(key)
-    (announcer.warning if first else announcer.debug)(
-        "sdpa_shim: %s imports flash_attn (%s); serving it with sdpa_shim's PyTorch stand-in: %s",
-        use.model,
-        files,
-        use.reason,
-    )
-
-
-def _announce_everywhere(status: FlashStatus) -> None:
-    global _everywhere_announced
-    with _lock:
-        first = not _everywhere_announced
-        _everywhere_announced = True
-    if first:
-        announcer.warning(
-            "sdpa_shim: SDPA_SHIM_STANDIN=1: serving `import flash_attn` with sdpa_shim's PyTorch stand-in "
-            "in this whole process: %s",
-            status.reason,
-        )
-
-
-def _serves_everywhere(status: FlashStatus) -> bool:
-    """Opted in, and ``import flash_attn`` would fail (missing or broken; not merely unable to run)."""
-    if status.usable or not read_settings().standin_everywhere:
-        return False
-    return status.version is None or status.reason.startswith(
-        f"{PACKAGES[IMPLEMENTATION].module} import failed"
-    )
-
-
-def _windows() -> list[_Window]:
-    windows = getattr(_local, "windows", None)
-    if windows is None:
-        windows = _local.windows = []
-    return windows
-
-
-def _caller_module() -> str:
-    """``__name__`` of the nearest frame that is not import machinery, the shim or wrapt."""
-    frame = sys._getframe(1)
-    try:
-        while frame is not None:
-            name = frame.f_globals.get("__name__") or ""
-            if not (frame.f_code.co_filename.startswith("<frozen ") or name.split(".")[0] in _PLUMBING):
-                return str(name)
-            frame = frame.f_back
-        return ""
-    finally:
-        del frame
-
-
 def _get_imports(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``check_imports`` must not require (or import) flash_attn when the stand-in will serve it."""
     imports = wrapped(*args, **kwargs)
     try:
-        if not _patch.is_active() or PACKAGE not in imports:
+        if not is_active() or PACKAGE not in imports:
             return imports
         status = flash_status(IMPLEMENTATION)
         if status.usable:
@@ -321,7 +126,7 @@ def _get_class_in_module(wrapped: Any, instance: Any, args: tuple[Any, ...], kwa
 def _plan(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
     """The class name when its remote module mentions flash_attn and flash-attn cannot run, else None."""
     try:
-        if not _patch.is_active():
+        if not is_active():
             return None
         class_name = args[0] if args else kwargs["class_name"]
         module_path = str(args[1] if len(args) > 1 else kwargs["module_path"])
@@ -361,7 +166,7 @@ def _adopt(cls: Any) -> None:
         torch_nn = sys.modules.get("torch.nn")
         if not isinstance(cls, type) or torch_nn is None or not issubclass(cls, torch_nn.Module):
             return
-        wrapper_type = _patch._shim_wrapper_type()
+        wrapper_type = _state.wrapper_type()
         with _lock:
             own = vars(cls).get("__init__", _MISSING)
             if isinstance(own, wrapper_type):
@@ -388,7 +193,7 @@ def _delegating_init(cls: type) -> Any:
 
 
 def _init_wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    if instance is None or not _patch.is_active():
+    if instance is None or not is_active():
         return wrapped(*args, **kwargs)
     with loading(type(instance).__name__):
         return wrapped(*args, **kwargs)

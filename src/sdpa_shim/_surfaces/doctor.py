@@ -17,9 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import __version__, _startup
-from ._detect import PACKAGES, FlashStatus, flash_status
-from ._settings import (
+from .._core.detect import PACKAGES, FlashStatus, flash_status
+from .._core.settings import (
     BACKEND_VALUES,
     ENV_BACKEND,
     ENV_ENABLED,
@@ -29,6 +28,8 @@ from ._settings import (
     FALSE_VALUES,
     TRUE_VALUES,
 )
+from .._version import __version__
+from . import startup as _startup
 
 Report = dict[str, Any]
 
@@ -40,7 +41,7 @@ _BOOL_TEXT = "1/true/on/yes or 0/false/off/no"
 
 def collect() -> Report:
     """Gather every section of the report (imports torch and transformers when they are installed)."""
-    report: Report = {"sdpa_shim": {"version": __version__, "location": str(Path(__file__).parent)}}
+    report: Report = {"sdpa_shim": {"version": __version__, "location": str(Path(__file__).parent.parent)}}
     notes: list[str] = []
     report["versions"] = _versions()
     report["cuda"] = _guard(_cuda, notes, "CUDA")
@@ -243,7 +244,7 @@ def _standin_meaning(value: str | None) -> str:
 
 
 def _shim() -> Report:
-    from . import _patch
+    from .._integration import patch as _patch
 
     section: Report = {"active": _patch.is_active(), "activated_at_startup": _startup.activated_at_startup()}
     try:
@@ -264,10 +265,10 @@ def _shim() -> Report:
 
 def _request(environment: list[Report]) -> Report:
     """What ``attn_implementation="flash_attention_2"`` on a typical model becomes right now."""
-    from . import _probe
-    from ._policy import ModelFacts, decide
-    from ._resolve import _registered_names, probe_target
-    from ._settings import read_settings
+    from .._core import probe as _probe
+    from .._core.policy import ModelFacts, decide
+    from .._core.settings import read_settings
+    from .._integration.resolve import _registered_names, probe_target
 
     if any(row["name"] == ENV_ENABLED and row["value"] in FALSE_VALUES for row in environment):
         return {

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ._settings import BACKEND_VALUES, ENV_BACKEND, parse_choice
+from .._core.settings import BACKEND_VALUES, ENV_BACKEND, parse_choice
 
 #: Plans ``select`` returns. "default": torch's dispatch untouched. "avoid_cudnn": cuDNN disabled for
 #: the call (torch then takes flash, else memory-efficient, else math). The others come from a pin

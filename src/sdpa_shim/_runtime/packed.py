@@ -37,7 +37,7 @@ def boundaries(query: Any, key: Any, kwargs: dict[str, Any]) -> list[int] | None
     if cu_seqlens is not None:
         bounds = [int(b) for b in cu_seqlens.tolist()]
     else:
-        bounds = _from_positions(kwargs.get("position_ids"))
+        bounds = starts_from_positions(kwargs.get("position_ids"))
     if bounds is None or len(bounds) <= 2:
         return None
     if key.shape[2] != query.shape[2]:
@@ -54,7 +54,7 @@ def boundaries(query: Any, key: Any, kwargs: dict[str, Any]) -> list[int] | None
     return bounds
 
 
-def _from_positions(position_ids: Any) -> list[int] | None:
+def starts_from_positions(position_ids: Any) -> list[int] | None:
     """Sequence starts are where a position does not follow its predecessor (one sync per forward)."""
     global _last_positions
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
@@ -67,36 +67,6 @@ def _from_positions(position_ids: Any) -> list[int] | None:
     bounds = [0, *starts, row.shape[0]] if starts else None
     _last_positions = (position_ids, bounds)
     return bounds
-
-
-def guard_old_release(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """``post_init`` rewrite for releases without the attention registry (transformers < 4.48).
-
-    There the SDPA attention classes are fixed at construction and the shim cannot compute packed rows
-    per sequence, so a model it downgraded refuses them instead of mixing sequences silently. Changes
-    no argument: it only adds a forward pre-hook to the model being finished.
-    """
-    from . import _attention
-
-    if model is not None and _attention.is_downgraded(getattr(model, "config", None)):
-        model.register_forward_pre_hook(_refuse_packed, with_kwargs=True)
-
-
-def _refuse_packed(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    packed = kwargs.get("cu_seq_lens_q") is not None
-    if not packed:
-        bounds = _from_positions(kwargs.get("position_ids"))
-        packed = bounds is not None and len(bounds) > 2
-    if packed:
-        import transformers
-
-        raise PackedSequenceError(
-            f"sdpa_shim: {type(model).__name__} was downgraded from flash attention to sdpa, and this "
-            "batch is packed (position_ids restart per sequence); with transformers "
-            f"{transformers.__version__} SDPA would let the sequences attend to each other. Upgrade "
-            "transformers to 4.48 or newer (the shim then computes packed rows per sequence), or pad the "
-            "batch instead of packing it."
-        )
 
 
 def attention(

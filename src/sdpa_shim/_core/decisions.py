@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from ._policy import Decision
+from .policy import Decision
 
 logger = logging.getLogger("sdpa_shim")
 

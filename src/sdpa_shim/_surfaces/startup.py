@@ -18,7 +18,7 @@ import site
 import sys
 from typing import TYPE_CHECKING
 
-from ._settings import ENV_ENABLED, TRUE_VALUES
+from .._core.settings import ENV_ENABLED, TRUE_VALUES
 
 if TYPE_CHECKING:  # this module is on the start-up path: only os, site and sys (already loaded) at run time
     from collections.abc import Mapping
@@ -51,7 +51,7 @@ def activate() -> bool:
     try:
         if not requested():
             return False
-        from ._patch import activate as activate_shim
+        from .._integration.patch import activate as activate_shim
 
         active = activate_shim()
         _activated_at_startup = _activated_at_startup or active
@@ -122,10 +122,10 @@ def _activate():
         return
     try:
         try:
-            import sdpa_shim._startup as startup
+            import sdpa_shim._surfaces.startup as startup
         except ImportError:
             sys.path.append(_PACKAGE_PARENT)
-            import sdpa_shim._startup as startup
+            import sdpa_shim._surfaces.startup as startup
         startup.activate()
     except Exception as exc:
         sys.stderr.write("sdpa_shim: start-up activation failed: %r\\n" % (exc,))
@@ -153,7 +153,7 @@ _chain()
 
 def sitecustomize_source() -> str:
     """The ``sitecustomize.py`` that ``run`` uses where no start-up file is installed."""
-    package_parent = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
     return _SITECUSTOMIZE.format(package_parent=package_parent)
 
 

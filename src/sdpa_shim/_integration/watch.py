@@ -39,7 +39,7 @@ class _PackageWatcher:
                 sys.meta_path.remove(self)
             self.callback()
         except Exception as error:
-            from . import _faults
+            from .._core import faults as _faults
 
             _faults.report(f"the {self.package} import watcher", error, "transformers is left unchanged")
         return None

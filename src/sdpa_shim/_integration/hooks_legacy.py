@@ -30,9 +30,9 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from ._hooks import Args, Rewrite, replace_argument
-from ._policy import flash_implementation
-from ._resolve import downgrade_for
+from .._core.policy import flash_implementation
+from .resolve import downgrade_for
+from .rewrite import Args, Rewrite, replace_argument
 
 AUTOSET = "_autoset_attn_implementation"
 #: The flag band B sets on a config once it has been validated (4.46-4.53).
@@ -113,7 +113,7 @@ def rewrite_autoset(cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 
 def _any_unusable_flash_value(requested: dict[Any, Any]) -> bool:
     """True when some value of a dict request asks for a flash implementation that cannot run here."""
-    from ._detect import flash_status
+    from .._core.detect import flash_status
 
     implementations = {flash_implementation(value) for value in requested.values()}
     return any(not flash_status(name).usable for name in implementations if name is not None)

@@ -10,10 +10,13 @@ import logging
 import sys
 from typing import Any
 
-from . import _attention, _decisions, _detect, _probe
-from ._patch import MODELING_UTILS
-from ._policy import ModelFacts, decide, flash_implementation
-from ._settings import read_settings
+from .._core import decisions as _decisions
+from .._core import detect as _detect
+from .._core import probe as _probe
+from .._core.policy import ModelFacts, decide, flash_implementation
+from .._core.settings import read_settings
+from .._state import MODELING_UTILS
+from . import registry as _attention
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import shutil
 import subprocess
 import sys
 
-from . import __version__
-from ._settings import ENV_ENABLED
+from .._core.settings import ENV_ENABLED
+from .._version import __version__
 
 _RUN_USAGE = "%(prog)s [-h] -- COMMAND [ARGS ...]"
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(_prog_name())
     options = parser.parse_args(arguments)
     if options.command == "doctor":
-        from . import _doctor
+        from . import doctor as _doctor
 
         return _doctor.main(as_json=options.json)
     if options.command == "run":
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             options.run_parser.error("run needs a command, e.g.: run -- python train.py")
         return run(command)
     if options.command == "demo":
-        from . import _demo
+        from . import demo as _demo
 
         return _demo.main(device=options.device, dtype=options.dtype)
     parser.print_help(sys.stderr)
@@ -98,7 +98,7 @@ def command_environment(environ: dict[str, str] | None = None) -> dict[str, str]
     """The environment ``run`` gives its command: ``SDPA_SHIM=1``, plus our ``sitecustomize`` on
     ``PYTHONPATH`` when this Python has no start-up file installed (a source checkout, or an install
     that dropped the ``.pth``). That ``sitecustomize`` runs the user's own one after activating."""
-    from . import _startup
+    from . import startup as _startup
 
     env = dict(os.environ if environ is None else environ)
     env[ENV_ENABLED] = "1"

@@ -35,7 +35,8 @@ def main(device: str = "auto", dtype: str = "auto") -> int:
     except ImportError as exc:
         print(f"sdpa-shim demo needs torch and transformers: {exc}", file=sys.stderr)
         return 1
-    import sdpa_shim
+    from .._core.decisions import decisions
+    from .._state import is_active
 
     _quiet_progress_bars()
     device = _pick_device(torch, device)
@@ -43,14 +44,14 @@ def main(device: str = "auto", dtype: str = "auto") -> int:
         print("sdpa-shim demo: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
         return 1
     dtype = _pick_dtype(torch, device, dtype)
-    if not sdpa_shim.is_active():
+    if not is_active():
         print("sdpa_shim is off (SDPA_SHIM=0): expect transformers' own answer to the request.")
     with tempfile.TemporaryDirectory(prefix="sdpa_shim-demo-") as directory:
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).save_pretrained(directory)
         print(f"Built a tiny random LlamaForCausalLM in {directory}")
         print(f'Loading it with attn_implementation="flash_attention_2" ({device}, {dtype}) ...', flush=True)
-        before = len(sdpa_shim.decisions())
+        before = len(decisions())
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 directory,
@@ -63,7 +64,7 @@ def main(device: str = "auto", dtype: str = "auto") -> int:
             return 1
         sys.stderr.flush()
         model = model.to(device).eval()
-        _report_decision(model, sdpa_shim.decisions()[before:])
+        _report_decision(model, decisions()[before:])
         return _forward(torch, model, device)
 
 

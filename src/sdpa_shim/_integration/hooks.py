@@ -1,8 +1,6 @@
 """What the shim changes in each hooked ``PreTrainedModel`` method, per band of transformers releases.
 
-A hook here is a *rewrite*: given the object the method is called on and its arguments, it returns
-new arguments, or None to leave the call alone. ``_patch`` turns rewrites into wrappers and owns the
-fault isolation, so a rewrite may simply raise on a bug.
+A hook here is a *rewrite* (see ``rewrite``); ``patch`` turns rewrites into wrappers.
 
 Bands C-E (4.54 and newer) validate the request in two instance methods; wrapping them on the class
 that defines them routes every entry point through the shim: ``from_pretrained`` (direct, Auto,
@@ -13,22 +11,10 @@ pipeline, config.json), ``from_config``/``_from_config``, ``Model(config)``, ``s
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from ._resolve import downgrade_for
-
-Args = tuple[tuple[Any, ...], dict[str, Any]]
-Rewrite = Callable[[Any, tuple[Any, ...], dict[str, Any]], "Args | None"]
-
-
-def replace_argument(
-    args: tuple[Any, ...], kwargs: dict[str, Any], position: int, name: str, value: Any
-) -> Args:
-    """New (args, kwargs) with one argument replaced; the caller's tuple and dict are never mutated."""
-    if len(args) > position:
-        return (*args[:position], value, *args[position + 1 :]), kwargs
-    return args, {**kwargs, name: value}
+from .resolve import downgrade_for
+from .rewrite import Args, Rewrite, replace_argument
 
 
 def _first_argument_request(parameter: str) -> Rewrite:
@@ -58,8 +44,8 @@ def hooks_for(model_class: type) -> dict[str, Rewrite]:
     defined = vars(model_class)
     if "_check_and_adjust_attn_implementation" in defined:
         return {name: rewrite for name, rewrite in MODERN_HOOKS.items() if name in defined}
-    from ._hooks_legacy import legacy_hooks_for  # bands A-B (4.36-4.53)
-    from ._packed import guard_old_release
+    from .hooks_legacy import legacy_hooks_for  # bands A-B (4.36-4.53)
+    from .packed_guard import guard_old_release
 
     hooks = legacy_hooks_for(model_class)
     module = sys.modules.get(model_class.__module__)

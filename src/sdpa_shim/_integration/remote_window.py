@@ -1,0 +1,250 @@
+"""The loading window: while a remote model that imports flash_attn loads, its imports get the stand-in.
+
+A window opens per model load in one thread (class resolution and the model class's ``__init__``, see
+``remote_code``). While any window is open in this thread, a *remote module* (``transformers_modules.*``)
+that imports ``flash_attn`` gets the PyTorch stand-in (``standin_import``'s finder asks ``should_serve``),
+and ``is_flash_attn_2_available()`` called from a remote module answers True (``availability_for_caller``),
+so guarded imports run and define their names. When the last window closes the stand-in leaves
+``sys.modules`` (a real but unusable flash_attn is put back) and one WARNING per model names the class,
+the importing files and the reason.
+
+``SDPA_SHIM_STANDIN=1`` serves every importer, for the whole process, where ``import flash_attn`` would fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from .._core import faults as _faults
+from .._core.detect import PACKAGES, FlashStatus, flash_status
+from .._core.settings import read_settings
+from .._state import is_active
+from . import standin_import
+
+logger = logging.getLogger(__name__)
+announcer = logging.getLogger("sdpa_shim")
+
+IMPLEMENTATION = "flash_attention_2"
+REMOTE_PREFIX = "transformers_modules."
+#: Top-level names of frames that are plumbing, not the code that imports or asks.
+_PLUMBING = frozenset({"importlib", "_frozen_importlib", "_frozen_importlib_external", "sdpa_shim", "wrapt"})
+
+
+@dataclass(frozen=True)
+class StandinUse:
+    """A model whose flash_attn imports the stand-in served: its class, the importing modules, why."""
+
+    model: str
+    importers: tuple[str, ...]
+    reason: str
+
+
+@dataclass(eq=False)
+class _Window:
+    """One model being loaded in one thread."""
+
+    label: str  # the model class the WARNING names
+    status: FlashStatus
+    importers: list[str] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Window:
+    """One model being loaded in one thread."""
+
+    label: str  # the model class the WARNING names
+    status: FlashStatus
+    importers: list[str] = field(default_factory=list)
+
+
+_lock = threading.RLock()
+_open_windows = 0  # in all threads
+_hidden: dict[str, ModuleType | None] = {}  # real flash_attn entries parked while windows are open
+_local = threading.local()  # .windows: this thread's open windows, outermost first
+_uses: list[StandinUse] = []
+_announced: set[tuple[str, str, str]] = set()
+_everywhere_announced = False
+
+
+def install_if_opted_in() -> None:
+    """``SDPA_SHIM_STANDIN=1``: install the finder at activation (serves code that loads no remote model)."""
+    try:
+        if read_settings().standin_everywhere:
+            standin_import.install(should_serve)
+    except Exception as error:
+        _faults.report("reading SDPA_SHIM_STANDIN", error, "flash_attn is left alone")
+
+
+def standin_uses() -> list[StandinUse]:
+    """Every model load the stand-in served so far in this process, oldest first."""
+    with _lock:
+        return list(_uses)
+
+
+def clear() -> None:
+    """Forget served models, so the next one warns again (tests)."""
+    global _everywhere_announced
+    with _lock:
+        _uses.clear()
+        _announced.clear()
+        _everywhere_announced = False
+
+
+@contextmanager
+def loading(label: str) -> Iterator[None]:
+    """While the body runs, remote modules that import flash_attn in this thread get the stand-in."""
+    window = _open(label)
+    try:
+        yield
+    finally:
+        if window is not None:
+            _close(window)
+
+
+def should_serve(fullname: str) -> bool:
+    """The finder's question: serve this ``flash_attn*`` import from the stand-in?"""
+    if not is_active():
+        return False
+    windows = _windows()
+    if windows:
+        importer = _caller_module()
+        if importer.startswith(REMOTE_PREFIX):
+            if importer not in windows[0].importers:
+                windows[0].importers.append(importer)
+            return True
+    if read_settings().standin_everywhere:
+        if _caller_module().split(".")[0] == "transformers":
+            return False  # transformers' own probes (find_spec in is_flash_attn_2_available) see the truth
+        # First use may import the real flash_attn here (same thread: the import lock is re-entrant).
+        status = flash_status(IMPLEMENTATION)
+        if _serves_everywhere(status):
+            _announce_everywhere(status)
+            return True
+    return False
+
+
+def availability_for_caller(answer: Any) -> Any:
+    """``is_flash_attn_2_available()`` as its caller should see it: True for a remote module loading here.
+
+    ``_availability`` calls this with transformers' negative answer. Never raises.
+    """
+    try:
+        if answer or not _windows() or not is_active():
+            return answer
+        caller = _caller_module()
+        if not caller.startswith(REMOTE_PREFIX):
+            return answer
+        logger.debug("is_flash_attn_2_available() is True for %s: the stand-in serves its imports", caller)
+        return True
+    except Exception as error:
+        _faults.report("the remote-code availability check", error, "transformers' answer stands")
+        return answer
+
+
+def _open(label: str) -> _Window | None:
+    global _open_windows
+    try:
+        if not is_active():
+            return None
+        status = flash_status(IMPLEMENTATION)  # before any import lock is held by the window's imports
+        if status.usable:
+            return None
+        standin_import.install(should_serve)
+        window = _Window(label, status)
+        with _lock:
+            if _open_windows == 0:
+                _hidden.update(standin_import.hide_real())
+            _open_windows += 1
+        _windows().append(window)
+        return window
+    except Exception as error:
+        _faults.report("opening a remote-code load", error, "flash_attn is imported as without the shim")
+        return None
+
+
+def _close(window: _Window) -> None:
+    global _open_windows
+    try:
+        windows = _windows()
+        for index, open_window in enumerate(windows):
+            if open_window is window:
+                del windows[index]
+                break
+        with _lock:
+            _open_windows -= 1
+            if _open_windows == 0:
+                if not _serves_everywhere(window.status):
+                    dropped = standin_import.drop_standin()
+                    logger.debug("stand-in left sys.modules: %s", ", ".join(dropped) or "nothing served")
+                standin_import.restore(_hidden)
+                _hidden.clear()
+        if window.importers:
+            _announce(window)
+    except Exception as error:
+        _faults.report("closing a remote-code load", error, "the stand-in may stay in sys.modules")
+
+
+def _announce(window: _Window) -> None:
+    use = StandinUse(window.label, tuple(window.importers), window.status.reason)
+    files = ", ".join(name.rpartition(".")[2] for name in use.importers)
+    key = (use.model, files, use.reason)  # the same model code from another directory is the same model
+    with _lock:
+        _uses.append(use)
+        first = key not in _announced
+        _announced.add(key)
+    (announcer.warning if first else announcer.debug)(
+        "sdpa_shim: %s imports flash_attn (%s); serving it with sdpa_shim's PyTorch stand-in: %s",
+        use.model,
+        files,
+        use.reason,
+    )
+
+
+def _announce_everywhere(status: FlashStatus) -> None:
+    global _everywhere_announced
+    with _lock:
+        first = not _everywhere_announced
+        _everywhere_announced = True
+    if first:
+        announcer.warning(
+            "sdpa_shim: SDPA_SHIM_STANDIN=1: serving `import flash_attn` with sdpa_shim's PyTorch stand-in "
+            "in this whole process: %s",
+            status.reason,
+        )
+
+
+def _serves_everywhere(status: FlashStatus) -> bool:
+    """Opted in, and ``import flash_attn`` would fail (missing or broken; not merely unable to run)."""
+    if status.usable or not read_settings().standin_everywhere:
+        return False
+    return status.version is None or status.reason.startswith(
+        f"{PACKAGES[IMPLEMENTATION].module} import failed"
+    )
+
+
+def _windows() -> list[_Window]:
+    windows = getattr(_local, "windows", None)
+    if windows is None:
+        windows = _local.windows = []
+    return windows
+
+
+def _caller_module() -> str:
+    """``__name__`` of the nearest frame that is not import machinery, the shim or wrapt."""
+    frame = sys._getframe(1)
+    try:
+        while frame is not None:
+            name = frame.f_globals.get("__name__") or ""
+            if not (frame.f_code.co_filename.startswith("<frozen ") or name.split(".")[0] in _PLUMBING):
+                return str(name)
+            frame = frame.f_back
+        return ""
+    finally:
+        del frame
