@@ -50,18 +50,24 @@ class StandinUse:
 class _Window:
     """One model being loaded in one thread."""
 
-    label: str  # the model class the WARNING names
+    label: str  # the model class the WARNING names ("" for transformers' own flash path: no WARNING)
     status: FlashStatus
     importers: list[str] = field(default_factory=list)
+    #: Importers served besides remote modules: "transformers." while transformers' own flash path imports
+    #: its kernels for a model the shim serves (see ``flash_paths``).
+    also_serves: str = ""
 
 
 @dataclass(eq=False)
 class _Window:
     """One model being loaded in one thread."""
 
-    label: str  # the model class the WARNING names
+    label: str  # the model class the WARNING names ("" for transformers' own flash path: no WARNING)
     status: FlashStatus
     importers: list[str] = field(default_factory=list)
+    #: Importers served besides remote modules: "transformers." while transformers' own flash path imports
+    #: its kernels for a model the shim serves (see ``flash_paths``).
+    also_serves: str = ""
 
 
 _lock = threading.RLock()
@@ -108,6 +114,32 @@ def loading(label: str) -> Iterator[None]:
             _close(window)
 
 
+@contextmanager
+def transformers_flash_path() -> Iterator[None]:
+    """While the body runs, transformers' own modules in this thread get the stand-in for ``flash_attn``.
+
+    Used around transformers' lazy import of its flash kernels, for models the shim serves on the flash
+    path: ``is_flash_attn_2_available()`` answers True there and ``from flash_attn import ...`` binds
+    the stand-in's functions. No WARNING: the model's decision already said what runs.
+    """
+    window = _open("", also_serves="transformers.")
+    try:
+        yield
+    finally:
+        if window is not None:
+            _close(window)
+
+
+def _serves_importer(importer: str) -> _Window | None:
+    """The open window of this thread that serves ``importer``, or None."""
+    for window in _windows():
+        if importer.startswith(REMOTE_PREFIX) or (
+            window.also_serves and importer.startswith(window.also_serves)
+        ):
+            return window
+    return None
+
+
 def should_serve(fullname: str) -> bool:
     """The finder's question: serve this ``flash_attn*`` import from the stand-in?"""
     if not is_active():
@@ -115,8 +147,9 @@ def should_serve(fullname: str) -> bool:
     windows = _windows()
     if windows:
         importer = _caller_module()
-        if importer.startswith(REMOTE_PREFIX):
-            if importer not in windows[0].importers:
+        window = _serves_importer(importer)
+        if window is not None:
+            if importer.startswith(REMOTE_PREFIX) and importer not in windows[0].importers:
                 windows[0].importers.append(importer)
             return True
     if read_settings().standin_everywhere:
@@ -139,7 +172,7 @@ def availability_for_caller(answer: Any) -> Any:
         if answer or not _windows() or not is_active():
             return answer
         caller = _caller_module()
-        if not caller.startswith(REMOTE_PREFIX):
+        if _serves_importer(caller) is None:
             return answer
         logger.debug("is_flash_attn_2_available() is True for %s: the stand-in serves its imports", caller)
         return True
@@ -148,7 +181,7 @@ def availability_for_caller(answer: Any) -> Any:
         return answer
 
 
-def _open(label: str) -> _Window | None:
+def _open(label: str, also_serves: str = "") -> _Window | None:
     global _open_windows
     try:
         if not is_active():
@@ -157,7 +190,7 @@ def _open(label: str) -> _Window | None:
         if status.usable:
             return None
         standin_import.install(should_serve)
-        window = _Window(label, status)
+        window = _Window(label, status, also_serves=also_serves)
         with _lock:
             if _open_windows == 0:
                 _hidden.update(standin_import.hide_real())
@@ -185,7 +218,7 @@ def _close(window: _Window) -> None:
                     logger.debug("stand-in left sys.modules: %s", ", ".join(dropped) or "nothing served")
                 standin_import.restore(_hidden)
                 _hidden.clear()
-        if window.importers:
+        if window.importers and window.label:
             _announce(window)
     except Exception as error:
         _faults.report("closing a remote-code load", error, "the stand-in may stay in sys.modules")
