@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from .detect import FlashStatus
 from .settings import Settings
 
+#: ``Decision.chosen`` when the model keeps transformers' flash code paths, run on PyTorch kernels.
+FLASH_PATH = "transformers' flash path on PyTorch kernels"
+#: The name the config then reads: transformers' flash paths and every ``== "flash_attention_2"`` check.
+SERVED_IMPLEMENTATION = "flash_attention_2"
+
 _FLASH_REQUEST = re.compile(r"^(?P<prefix>paged\|)?(?P<impl>flash_attention_[234])$")
 _HALF_DTYPES = frozenset({"float16", "bfloat16"})
 
@@ -27,6 +32,11 @@ class ModelFacts:
     supports_flash: bool = True
     dtype: str | None = None  # "float32", "bfloat16", ... or None when not known yet
     registered: frozenset[str] = frozenset()  # attention names this transformers accepts
+    #: transformers' flash paths of this class can run on sdpa_shim's kernels with this release (see
+    #: ``_integration.flash_paths``): the registry reaches them and no flash name is imported by the model.
+    flash_paths: bool = False
+    #: Why SDPA support could not be read (a property that raised, ...); "" when it was read.
+    facts_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,9 +74,20 @@ def decide(
     blocker = _flash_blocker(status, facts)
     if blocker is None:
         return None
+    if settings.fallback == "auto" and facts.flash_paths and not status.usable:
+        return Decision(facts.name, requested, FLASH_PATH, blocker)
     chosen, why_not_sdpa = _fallback(facts, settings, sdpa_probe)
     reason = blocker if not why_not_sdpa else f"{blocker}; {why_not_sdpa}"
     return Decision(facts.name, requested, _with_prefix(requested, chosen, facts.registered), reason)
+
+
+def served_name(requested: str) -> str:
+    """The config value for a request kept on the flash path: flash_attention_2, ``paged|`` kept.
+
+    FA3/FA4 requests land on the same flash path: the stand-in speaks flash-attn 2's API.
+    """
+    prefix = "paged|" if requested.startswith("paged|") else ""
+    return prefix + SERVED_IMPLEMENTATION
 
 
 def _flash_blocker(status: FlashStatus, facts: ModelFacts) -> str | None:
@@ -84,6 +105,8 @@ def _fallback(facts: ModelFacts, settings: Settings, sdpa_probe: Callable[[], st
     """The target ("sdpa" or "eager") and, when eager, why SDPA was not taken."""
     if settings.fallback == "eager":
         return "eager", "SDPA_SHIM_FALLBACK=eager"
+    if facts.facts_error:
+        return "eager", f"{facts.name}'s SDPA support could not be read ({facts.facts_error})"
     if not facts.supports_sdpa:
         return "eager", f"{facts.name} has no SDPA path"
     probe_error = sdpa_probe()

@@ -18,7 +18,9 @@ logger = logging.getLogger(__name__)
 #: ``SDPA_SHIM``: 1/true/on/yes activates at interpreter start (with the startup file installed);
 #: 0/false/off/no keeps the shim off even when imported. Unset: ``import sdpa_shim`` activates.
 ENV_ENABLED = "SDPA_SHIM"
-#: ``SDPA_SHIM_FALLBACK``: ``sdpa`` (default; sdpa where the model and torch can, else eager) or ``eager``.
+#: ``SDPA_SHIM_FALLBACK``: what a flash request that flash-attn cannot serve becomes. ``auto`` (default):
+#: transformers' flash path on PyTorch kernels where the release and the class allow, else ``sdpa``, else
+#: ``eager``; ``sdpa``: the plain sdpa downgrade (eager where SDPA cannot serve); ``eager``: always eager.
 ENV_FALLBACK = "SDPA_SHIM_FALLBACK"
 #: ``SDPA_SHIM_BACKEND``: SDPA backend policy for downgraded models (``auto`` or one backend name).
 ENV_BACKEND = "SDPA_SHIM_BACKEND"
@@ -27,7 +29,7 @@ ENV_STANDIN = "SDPA_SHIM_STANDIN"
 
 TRUE_VALUES = frozenset({"1", "true", "on", "yes"})
 FALSE_VALUES = frozenset({"0", "false", "off", "no"})
-FALLBACK_VALUES = ("sdpa", "eager")
+FALLBACK_VALUES = ("auto", "sdpa", "eager")
 BACKEND_VALUES = ("auto", "default", "flash", "efficient", "cudnn", "math")
 
 _warned: set[tuple[str, str]] = set()
@@ -38,7 +40,7 @@ class Settings(NamedTuple):
     """The parsed environment, as one immutable value the pure policy can take."""
 
     enabled: bool | None = None  # None: unset (import activates, startup does nothing)
-    fallback: str = "sdpa"
+    fallback: str = "auto"
     backend: str = "auto"
     standin_everywhere: bool = False
 
@@ -82,7 +84,7 @@ def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     return Settings(
         enabled=parse_bool(ENV_ENABLED, env.get(ENV_ENABLED), None),
-        fallback=parse_choice(ENV_FALLBACK, env.get(ENV_FALLBACK), FALLBACK_VALUES, "sdpa"),
+        fallback=parse_choice(ENV_FALLBACK, env.get(ENV_FALLBACK), FALLBACK_VALUES, "auto"),
         backend=parse_choice(ENV_BACKEND, env.get(ENV_BACKEND), BACKEND_VALUES, "auto"),
         standin_everywhere=bool(parse_bool(ENV_STANDIN, env.get(ENV_STANDIN), False)),
     )

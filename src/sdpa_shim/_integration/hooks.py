@@ -13,19 +13,24 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .resolve import downgrade_for
-from .rewrite import Args, Rewrite, replace_argument
+from .resolve import choice_for
+from .rewrite import Args, Override, Rewrite, replace_argument
 
 
 def _first_argument_request(parameter: str) -> Rewrite:
     """Rewrite for an instance method whose first argument, ``parameter``, is the request."""
 
-    def rewrite(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Args | None:
+    def rewrite(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Args | Override | None:
         if model is None:
             return None
         requested = args[0] if args else kwargs.get(parameter)
-        chosen = downgrade_for(model, requested)
-        return None if chosen is None else replace_argument(args, kwargs, 0, parameter, chosen)
+        choice = choice_for(model, requested)
+        if choice is None:
+            return None
+        new_args, new_kwargs = replace_argument(args, kwargs, 0, parameter, choice.validate_as)
+        if choice.validate_as == choice.value:
+            return new_args, new_kwargs
+        return Override(new_args, new_kwargs, choice.value)  # flash path: validated as eager, kept on flash
 
     return rewrite
 

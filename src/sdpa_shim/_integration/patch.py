@@ -21,6 +21,7 @@ from .. import _state
 from .._core import faults as _faults
 from .._core.settings import disabled_by_env
 from .._state import DYNAMIC_MODULE_UTILS, MODELING_UTILS, is_active
+from .rewrite import Override
 from .watch import when_package_imported
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ __all__ = ["DYNAMIC_MODULE_UTILS", "MODELING_UTILS", "activate", "deactivate", "
 
 _lock = _state.lock
 _hook_registered = False
+_NO_OVERRIDE = object()
 #: (class, attribute name) -> the original object found in ``vars(class)``.
 _originals: dict[tuple[type, str], Any] = {}
 
@@ -64,9 +66,10 @@ def deactivate() -> None:
         _state.set_active(False)
         wrapper_type = _state.wrapper_type_if_created()
         if wrapper_type is not None:
-            from . import registry, remote_code
+            from . import flash_paths, registry, remote_code
 
             registry.uninstall()
+            flash_paths.uninstall()
             remote_code.uninstall()
         for (owner, name), original in list(_originals.items()):
             if wrapper_type is not None and isinstance(vars(owner).get(name), wrapper_type):
@@ -145,9 +148,10 @@ def _install(module: ModuleType) -> None:
             continue
         _originals[(owner, name)] = raw
         setattr(owner, name, wrapper_type(raw, _guarded(rewrite, name)))
-    from . import registry
+    from . import flash_paths, registry
 
     registry.install(module)
+    flash_paths.install()
     logger.debug("sdpa_shim patched %s", ", ".join(f"{owner.__name__}.{name}" for name in hooks))
 
 
@@ -158,14 +162,18 @@ def _guarded(rewrite: Rewrite, name: str) -> Any:
     """
 
     def wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        override: Any = _NO_OVERRIDE
         if is_active():
             try:
                 rewritten = rewrite(instance, args, kwargs)
             except Exception as error:
                 _faults.report(f"the {name} hook", error, "the call passes through to transformers unchanged")
                 rewritten = None
-            if rewritten is not None:
+            if isinstance(rewritten, Override):
+                args, kwargs, override = rewritten
+            elif rewritten is not None:
                 args, kwargs = rewritten
-        return wrapped(*args, **kwargs)
+        result = wrapped(*args, **kwargs)
+        return result if override is _NO_OVERRIDE else override
 
     return wrapper

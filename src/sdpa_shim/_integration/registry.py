@@ -21,14 +21,15 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-#: id(config) -> weak reference to that config, for every config of a downgraded (sub-)model.
-_downgraded: dict[int, weakref.ref[Any]] = {}
+#: id(config) -> (weak reference to that config, what the shim chose: "sdpa", "eager" or "flash"), for
+#: every config of a (sub-)model the shim took over.
+_downgraded: dict[int, tuple[weakref.ref[Any], str]] = {}
 #: (mapping, key, original function) for each registry entry the shim wrapped.
 _wrapped: list[tuple[dict[str, Any], str, Callable[..., Any]]] = []
 
 
-def mark(config: Any) -> None:
-    """Remember that ``config`` belongs to a model the shim downgraded to SDPA."""
+def mark(config: Any, kind: str = "sdpa") -> None:
+    """Remember that ``config`` belongs to a model the shim took over: "sdpa", "eager" or "flash" (path)."""
     if config is None:
         return
     key = id(config)
@@ -41,11 +42,18 @@ def mark(config: Any) -> None:
     except TypeError:  # not weak-referenceable: do not risk holding it forever
         return
     with _lock:
-        _downgraded[key] = reference
+        _downgraded[key] = (reference, kind)
+
+
+def kind_of(config: Any) -> str | None:
+    """What the shim chose for the model owning ``config`` ("sdpa", "eager", "flash"), or None."""
+    entry = _downgraded.get(id(config))
+    return None if entry is None or entry[0]() is not config else entry[1]
 
 
 def is_downgraded(config: Any) -> bool:
-    return id(config) in _downgraded
+    """A model the shim downgraded (to sdpa or eager); models kept on the flash path are not."""
+    return kind_of(config) in ("sdpa", "eager")
 
 
 def install(modeling_utils: ModuleType) -> None:
@@ -87,7 +95,7 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
     def sdpa_attention_forward(
         module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any
     ):
-        if id(getattr(module, "config", None)) not in _downgraded:
+        if kind_of(getattr(module, "config", None)) != "sdpa":
             return original(module, query, key, value, attention_mask, **kwargs)
         try:
             bounds = _packed.boundaries(query, key, kwargs)

@@ -6,14 +6,15 @@ through unchanged and one ERROR is logged.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._core import decisions as _decisions
 from .._core import detect as _detect
 from .._core import probe as _probe
-from .._core.policy import ModelFacts, decide, flash_implementation
+from .._core.policy import FLASH_PATH, ModelFacts, decide, flash_implementation, served_name
 from .._core.settings import read_settings
 from .._state import MODELING_UTILS
 from . import registry as _attention
@@ -21,10 +22,30 @@ from . import registry as _attention
 logger = logging.getLogger(__name__)
 
 
+class Choice(NamedTuple):
+    """What a hooked method should see and give back for a flash request the shim takes over.
+
+    ``value`` is what the config ends up reading; ``validate_as`` is what transformers' own validation
+    is run with. They differ only on the flash path: transformers would refuse "flash_attention_2"
+    without flash-attn, so it validates "eager" (always accepted) and the hook returns the flash name.
+    """
+
+    value: str
+    validate_as: str
+
+
 def downgrade_for(
     model_or_class: Any, requested: object, config: Any = None, dtype: Any = None
 ) -> str | None:
-    """The implementation to use instead of ``requested``, or None to pass it through unchanged.
+    """The implementation to use instead of ``requested``, or None to pass it through unchanged."""
+    choice = choice_for(model_or_class, requested, config, dtype)
+    return None if choice is None else choice.value
+
+
+def choice_for(
+    model_or_class: Any, requested: object, config: Any = None, dtype: Any = None
+) -> Choice | None:
+    """The ``Choice`` for ``requested``, or None to pass it through unchanged.
 
     ``model_or_class`` is the model being built (bands C-E) or its class (bands A-B); ``config``
     (the model's own config object: it is what marks the model as downgraded) defaults to
@@ -38,32 +59,65 @@ def downgrade_for(
     settings = read_settings()
     if settings.enabled is False:
         return None
+    if config is None:
+        config = getattr(model_or_class, "config", None)
+    if _attention.kind_of(config) == "flash":  # decided and announced already (a second validation)
+        return Choice(served_name(requested), "eager")
     status = _detect.flash_status(implementation)
     facts = model_facts(model_or_class, config, dtype)
     decision = decide(requested, status, facts, settings, lambda: _probe.sdpa_error(*probe_target(facts)))
     if decision is None:
         logger.debug("%s: %s can run here; request left unchanged", facts.name, requested)
         return None
-    if decision.chosen.endswith("sdpa"):
-        _attention.mark(config if config is not None else getattr(model_or_class, "config", None))
+    if decision.chosen == FLASH_PATH:
+        _attention.mark(config, "flash")
+        choice = Choice(served_name(requested), "eager")
+    else:
+        _attention.mark(config, "sdpa" if decision.chosen.endswith("sdpa") else "eager")
+        choice = Choice(decision.chosen, decision.chosen)
     _decisions.record(decision)  # last: a fault before it leaves no WARNING about a change never made
-    return decision.chosen
+    return choice
 
 
 def model_facts(model_or_class: Any, config: Any = None, dtype: Any = None) -> ModelFacts:
-    """Read the class flags and the dtype the model is built in."""
+    """Read the class flags and the dtype the model is built in; a flag that cannot be read is not trusted."""
+    from . import flash_paths
+
     cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
     if config is None:
         config = getattr(model_or_class, "config", None)
+    supports_sdpa, sdpa_error = _class_flag(cls, "_supports_sdpa")
+    flash, _ = _class_flag(cls, "_supports_flash_attn")
+    flash_2, _ = _class_flag(cls, "_supports_flash_attn_2")
+    supports_flash = flash or flash_2
     return ModelFacts(
         name=cls.__name__,
-        supports_sdpa=bool(getattr(cls, "_supports_sdpa", False)),
-        supports_flash=bool(
-            getattr(cls, "_supports_flash_attn", False) or getattr(cls, "_supports_flash_attn_2", False)
-        ),
+        supports_sdpa=supports_sdpa,
+        supports_flash=supports_flash,
         dtype=_dtype_name(config) if dtype is None else str(dtype).removeprefix("torch."),
         registered=_registered_names(),
+        flash_paths=supports_flash and flash_paths.servable(cls),
+        facts_error=sdpa_error,
     )
+
+
+def _class_flag(cls: type, name: str) -> tuple[bool, str]:
+    """(value, "") for a plain class attribute; (False, why) when it is computed or cannot be read.
+
+    Some remote classes define these flags as properties that read the half-built model (Florence-2 style,
+    transformers#39974); reading them on the class gives a property object, which is truthy, and on the
+    instance may raise. Only a plain value is trusted.
+    """
+    try:
+        raw = inspect.getattr_static(cls, name, False)
+    except Exception as error:  # a metaclass that raises
+        return False, f"{name} raised {type(error).__name__}"
+    if isinstance(raw, (property, staticmethod, classmethod)) or hasattr(type(raw), "__get__"):
+        return False, f"{name} is computed ({type(raw).__name__}), not a plain class attribute"
+    try:
+        return bool(raw), ""
+    except Exception as error:
+        return False, f"{name} raised {type(error).__name__} when read"
 
 
 def probe_target(facts: ModelFacts) -> tuple[str, str]:

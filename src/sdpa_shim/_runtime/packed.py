@@ -1,12 +1,16 @@
-"""Packed (padding-free) batches on downgraded models: computed per sequence, never mixed.
+"""Packed (padding-free) rows on models downgraded to sdpa: computed per sequence, never mixed.
 
 FlashAttention's varlen kernel keeps the sequences of a packed row apart (``DataCollatorWithFlattening``:
 one row, ``position_ids`` restarting per sequence, no attention mask). Plain SDPA only does so on
 transformers >= 4.54 with torch >= 2.6, no attention mask and no KV cache; otherwise the sequences
-attend to each other and the loss is silently wrong. For the models it downgraded, the shim finds
-the sequence boundaries (from ``cu_seq_lens_q`` when the collator provides them, else from
-``position_ids``) and runs SDPA once per sequence, so the result equals each sequence run alone.
-Memory stays O(tokens): at most one sequence's S_i x S_i block at a time.
+attend to each other and the loss is silently wrong. For the models it downgraded to sdpa, the shim
+finds the sequence boundaries (from ``cu_seq_lens_q`` when the collator provides them, else from
+``position_ids``) and runs the row through the varlen engine (``varlen``): the result equals each
+sequence run alone, in a number of kernel calls that does not grow with the number of documents.
+
+Continuous batching also hands the attention function ``cu_seq_lens_q``, but with each request's new
+tokens against its cached keys: such a batch is not a training row and goes to transformers' own
+function untouched (its mask is right for it).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ def boundaries(query: Any, key: Any, kwargs: dict[str, Any]) -> list[int] | None
     None means "not packed" (several rows, one token, or a single sequence): the normal path is right.
     Skipped while torch.compile traces (a data-dependent check would break the graph).
     """
-    if query.shape[0] != 1 or query.shape[2] < 2:
+    if query.shape[0] != 1 or query.shape[2] < 2 or is_continuous_batch(kwargs):
         return None
     import torch
 
@@ -54,6 +58,20 @@ def boundaries(query: Any, key: Any, kwargs: dict[str, Any]) -> list[int] | None
     return bounds
 
 
+#: Keyword arguments only continuous batching passes (its cache, its read/write slots, its logits rows).
+_CONTINUOUS_BATCHING_KEYS = ("cache", "read_index", "write_index", "logits_indices", "block_table")
+
+
+def is_continuous_batch(kwargs: dict[str, Any]) -> bool:
+    """A continuous-batching step: new tokens of several requests against their cached keys."""
+    if any(kwargs.get(name) is not None for name in _CONTINUOUS_BATCHING_KEYS):
+        return True
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None or cu_k is None or cu_k is cu_q:
+        return False
+    return cu_q.shape != cu_k.shape or bool((cu_q != cu_k).any())
+
+
 def starts_from_positions(position_ids: Any) -> list[int] | None:
     """Sequence starts are where a position does not follow its predecessor (one sync per forward)."""
     global _last_positions
@@ -72,32 +90,32 @@ def starts_from_positions(position_ids: Any) -> list[int] | None:
 def attention(
     module: Any, query: Any, key: Any, value: Any, attention_mask: Any, bounds: list[int], **kwargs: Any
 ) -> tuple[Any, None]:
-    """Causal SDPA per sequence; returns (B, S, H, D) like transformers' ``sdpa_attention_forward``."""
-    import torch
-    import torch.nn.functional as F
+    """The packed row through the varlen engine; returns (B, S, H, D) like ``sdpa_attention_forward``.
 
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
-    scale = kwargs.get("scaling")
+    The row's own 4D mask, if any, is the causal (or sliding-window) block mask transformers built for
+    the whole row: the engine applies causality and the window per sequence instead.
+    """
+    import torch
+
+    from .varlen import varlen_attention
+
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    pieces = []
-    for start, end in itertools.pairwise(bounds):
-        mask = None
-        if attention_mask is not None and attention_mask.dim() == 4:
-            mask = attention_mask[:, :, start:end, start:end]
-        pieces.append(
-            F.scaled_dot_product_attention(
-                query[:, :, start:end],
-                key[:, :, start:end],
-                value[:, :, start:end],
-                attn_mask=mask,
-                dropout_p=dropout,
-                is_causal=bool(causal) and mask is None,
-                scale=scale,
-            )
-        )
-    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=query.device)
+    longest = max(end - start for start, end in itertools.pairwise(bounds))
+    out = varlen_attention(
+        query[0].transpose(0, 1),
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        cu_seqlens,
+        cu_seqlens,
+        longest,
+        longest,
+        scale=kwargs.get("scaling"),
+        causal=bool(causal),
+        window=(int(window) - 1, 0 if causal else int(window) - 1) if window else (-1, -1),
+        softcap=float(kwargs.get("softcap") or 0.0),
+        dropout_p=kwargs.get("dropout", 0.0) if module.training else 0.0,
+    )
+    return out.unsqueeze(0), None

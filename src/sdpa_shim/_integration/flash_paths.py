@@ -1,0 +1,135 @@
+"""Keep a model on transformers' flash code paths, with PyTorch kernels underneath (transformers 4.56+).
+
+FlashAttention is asked for above all for variable-length work, and transformers' *flash* code paths are
+the ones written for it: vision towers that pack images with ``cu_seqlens`` (one attention call per
+layer, where the sdpa path loops over windows in Python), padding-free rows turned into ``cu_seqlens``
+from ``position_ids``, padding removed instead of masked (no T x T mask), the flash layout of continuous
+batching and its paged KV decode. A model the shim keeps on those paths reads "flash_attention_2", so
+every ``== "flash_attention_2"`` check in transformers and its clients (TRL) holds.
+
+From 4.54 on, every flash kernel transformers calls comes from one function,
+``modeling_flash_attention_utils._lazy_imports``: ``from flash_attn import flash_attn_func,
+flash_attn_varlen_func[, flash_attn_with_kvcache]`` when ``is_flash_attn_2_available()`` says yes. The
+shim wraps it: for "flash_attention_2" (``paged|`` too) while flash-attn cannot run here, the original
+runs inside ``remote_window.transformers_flash_path()``, where that check answers True and the import
+binds the stand-in (``sdpa_shim.standin``, whose varlen and kvcache functions are the runtime's varlen
+engine). transformers' own code then does everything else as with real flash-attn. When flash-attn is
+usable the wrapper does nothing: the shim never serves a model flash-attn could run.
+
+Served only where both hold (``servable``): the release is 4.56 or newer (4.54-4.55 turned any
+``position_ids`` into packed sequences, huggingface/transformers#39814) and the class is one of
+transformers' own whose module reaches flash kernels only through that function (a few, e.g. Falcon,
+bind ``_flash_attention_forward`` at import time under an availability check: they keep the sdpa
+downgrade, as do remote-code classes, which import flash_attn themselves, see ``remote_code``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import sys
+from types import ModuleType
+from typing import Any
+
+from .. import _state
+from .._core import faults as _faults
+from .._core.detect import flash_status
+from .._state import is_active
+from . import remote_window
+
+logger = logging.getLogger(__name__)
+
+MODULE = "transformers.modeling_flash_attention_utils"
+FUNCTION = "_lazy_imports"
+IMPLEMENTATION = "flash_attention_2"
+FIRST_RELEASE = (4, 56)
+#: Names a modeling module may bind at import time from flash-attn or transformers' flash utilities
+#: under an availability check; if the module uses one it lacks, its flash path cannot be served.
+_IMPORT_TIME_FLASH_NAMES = ("_flash_attention_forward", "flash_attn_func", "flash_attn_varlen_func")
+
+_wrapped: list[tuple[ModuleType, Any]] = []
+
+
+def install(module: ModuleType | None = None) -> None:
+    """Wrap ``_lazy_imports`` (idempotent). Never raises: without it, models keep the sdpa downgrade."""
+    try:
+        module = module or sys.modules.get(MODULE)
+        if module is None or not _release_ok():
+            return
+        current = getattr(module, FUNCTION, None)
+        wrapper_type = _state.wrapper_type()
+        if current is None or isinstance(current, wrapper_type):
+            return
+        setattr(module, FUNCTION, wrapper_type(current, _lazy_imports))
+        _wrapped.append((module, current))
+    except Exception as error:
+        _faults.report(f"wrapping {MODULE}.{FUNCTION}", error, "models keep the plain sdpa downgrade")
+
+
+def uninstall() -> None:
+    """Put the original function back (identity-equal)."""
+    while _wrapped:
+        module, original = _wrapped.pop()
+        if getattr(getattr(module, FUNCTION, None), "__wrapped__", None) is original:
+            setattr(module, FUNCTION, original)
+
+
+def servable(cls: type) -> bool:
+    """Whether a model of ``cls`` can keep its flash paths here (see the module docstring). Never raises."""
+    try:
+        module = sys.modules.get(MODULE)
+        wrapper_type = _state.wrapper_type_if_created()
+        if (
+            module is None
+            or wrapper_type is None
+            or not isinstance(getattr(module, FUNCTION, None), wrapper_type)
+        ):
+            return False
+        return _transformers_class_without_import_time_flash(cls)
+    except Exception as error:
+        _faults.report(
+            "checking whether a flash path can be served", error, "the model gets the sdpa downgrade"
+        )
+        return False
+
+
+def _lazy_imports(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    implementation = args[0] if args else kwargs.get("implementation")
+    if not (is_active() and _is_served_request(implementation)) or flash_status(IMPLEMENTATION).usable:
+        return wrapped(*args, **kwargs)
+    logger.debug("transformers' flash path for %s runs on sdpa_shim's PyTorch kernels", implementation)
+    with remote_window.transformers_flash_path():
+        return wrapped(*args, **kwargs)
+
+
+def _is_served_request(implementation: object) -> bool:
+    return isinstance(implementation, str) and implementation.removeprefix("paged|") == IMPLEMENTATION
+
+
+def _release_ok() -> bool:
+    version = getattr(sys.modules.get("transformers"), "__version__", "0")
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    return numbers >= FIRST_RELEASE
+
+
+@functools.lru_cache(maxsize=256)
+def _transformers_class_without_import_time_flash(cls: type) -> bool:
+    module_name = getattr(cls, "__module__", "") or ""
+    if not module_name.startswith("transformers."):
+        return False  # remote code and user classes: their own flash code is theirs (see remote_code)
+    module = sys.modules.get(module_name)
+    source_file = getattr(module, "__file__", None)
+    if module is None or not source_file:
+        return False
+    try:
+        with open(source_file, encoding="utf-8") as handle:
+            source = handle.read()
+    except OSError:
+        return False
+    missing = [
+        name for name in _IMPORT_TIME_FLASH_NAMES if f"{name}(" in source and not hasattr(module, name)
+    ]
+    if missing:
+        logger.debug("%s binds %s only with flash-attn installed: sdpa downgrade", cls.__name__, missing)
+    return not missing
