@@ -17,15 +17,35 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 PATTERNS = ("top_varlen", "try_eager", "guard", "lazy", "qkvpacked", "bert_padding", "window")
+#: Patterns whose remote code falls back by itself (issue 11): InternViT's guarded import with CUDA/half
+#: asserts, dots.ocr's later guarded vision tower, Florence-2's ``_supports_sdpa`` property, a config class
+#: defined in the modeling file beside a second module importing flash_attn (Phi-3-V).
+MORE_PATTERNS = ("try_asserts", "try_dots", "property_sdpa", "config_beside")
+#: Vision towers: packed images, ``vision_config.attn_implementation``.
+VISION = ("top_varlen", "try_dots")
 #: config.json values each pattern needs (qkvpacked has no GQA; window has a sliding window).
-OVERRIDES: dict[str, dict[str, object]] = {"qkvpacked": {"num_kv_heads": 4}, "window": {"sliding_window": 3}}
+OVERRIDES: dict[str, dict[str, object]] = {
+    "qkvpacked": {"num_kv_heads": 4},
+    "window": {"sliding_window": 3},
+    "try_asserts": {"num_kv_heads": 4, "use_flash_attn": True},
+    "config_beside": {
+        "model_type": "remote_tiny_beside",
+        "auto_map": {
+            "AutoConfig": "modeling_config_beside.BesideConfig",
+            "AutoModel": "modeling_config_beside.RemoteTinyModel",
+        },
+    },
+}
+#: Modules a pattern's modeling file imports besides tiny_common.
+EXTRA_FILES: dict[str, tuple[str, ...]] = {"config_beside": ("vision_embedding_beside.py",)}
 
 
 def build(pattern: str, root: Path, **overrides: object) -> Path:
     """Write the package for ``pattern`` into a new directory under ``root`` and return it."""
     dest = root / f"remote_{pattern}_{uuid.uuid4().hex[:8]}"
     dest.mkdir(parents=True)
-    for name in ("configuration_remote_tiny.py", "tiny_common.py", f"modeling_{pattern}.py"):
+    files = ("configuration_remote_tiny.py", "tiny_common.py", f"modeling_{pattern}.py")
+    for name in files + EXTRA_FILES.get(pattern, ()):
         shutil.copyfile(HERE / name, dest / name)
     config = {
         "model_type": "remote_tiny",
@@ -43,27 +63,32 @@ def build(pattern: str, root: Path, **overrides: object) -> Path:
 
 def set_attention(config, pattern: str, value: str) -> None:
     """Set the plain attribute the pattern's modeling code reads to pick its attention class."""
-    if pattern == "top_varlen":
+    if pattern in VISION:
         config.vision_config.attn_implementation = value
+    elif pattern == "try_asserts":
+        config.use_flash_attn = value == "flash_attention_2"
     else:
         config.attn_impl = value
 
 
-def load(path: Path, pattern: str, attention: str | None = None):
-    """``AutoModel.from_config`` with trust_remote_code (seeded); ``attention`` overrides the config's."""
+def load(path: Path, pattern: str, attention: str | None = None, **kwargs: object):
+    """``AutoModel.from_config`` with trust_remote_code (seeded); ``attention`` overrides the config's.
+
+    ``kwargs`` go to ``from_config`` (``dtype``/``torch_dtype``, ``attn_implementation``).
+    """
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=True)
     if attention is not None:
         set_attention(config, pattern, attention)
     torch.manual_seed(0)
-    return AutoModel.from_config(config, trust_remote_code=True).eval()
+    return AutoModel.from_config(config, trust_remote_code=True, **kwargs).eval()
 
 
 def inputs(pattern: str) -> dict[str, torch.Tensor]:
     """Fixed inputs: packed images for the vision model, padded or packed token rows for the others."""
     generator = torch.Generator().manual_seed(1)
-    if pattern == "top_varlen":
+    if pattern in VISION:
         grid_thw = torch.tensor([[1, 2, 3], [1, 3, 3], [2, 2, 2]])
         total = int((grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]).sum())
         return {"pixel_values": torch.randn(total, 12, generator=generator), "grid_thw": grid_thw}
@@ -73,7 +98,7 @@ def inputs(pattern: str) -> dict[str, torch.Tensor]:
             "cu_seqlens": torch.tensor([0, 5, 9, 12], dtype=torch.int32),
         }
     ids = torch.randint(0, 64, (2, 8), generator=generator)
-    if pattern == "bert_padding":
+    if pattern in ("bert_padding", "try_asserts"):
         return {"input_ids": ids, "attention_mask": torch.tensor([[1] * 8, [1] * 5 + [0] * 3])}
     return {"input_ids": ids}
 

@@ -13,6 +13,13 @@ When flash-attn cannot run here and the shim is active:
   thread gets the PyTorch stand-in (``standin_import``, ``remote_window``), and
   ``is_flash_attn_2_available()`` called *from a remote module* answers True, so guarded imports run
   and define their names.
+- Never worse than without the shim: an import the module guards itself (``try``/``except``, an
+  availability or ``find_spec`` test) is not served when the module checks for CUDA or half precision
+  and this load is not CUDA + float16/bfloat16; the module then takes its own fallback
+  (``remote_window._serve_guarded``). The load's dtype is read from the ``from_pretrained``/
+  ``from_config`` call in progress (``_load_dtype``).
+- The WARNING names the model class: a window that resolved a config class (defined in the modeling
+  file) hands its importers to the model class of the same package.
 - When the last such window closes, the stand-in leaves ``sys.modules`` (a real but unusable flash_attn
   that was importable is put back): everywhere else ``import flash_attn`` and transformers' own checks
   behave exactly as without the shim. The remote modules keep the functions they bound.
@@ -117,10 +124,75 @@ def _get_class_in_module(wrapped: Any, instance: Any, args: tuple[Any, ...], kwa
     label = _plan(args, kwargs)
     if label is None:
         return wrapped(*args, **kwargs)
-    with loading(label):
+    with loading(label, dtype=_load_dtype()) as window:
         found = wrapped(*args, **kwargs)
+        _label(window, found)
     _adopt(found)
     return found
+
+
+def _label(window: Any, found: Any) -> None:
+    """Name the window after the model class found; a config (or other) class names no model."""
+    if window is None:
+        return
+    try:
+        window.package = str(getattr(found, "__module__", "")).rpartition(".")[0]
+        if not _is_model_class(found):
+            window.label = ""  # its importers wait for the model class of the package
+    except Exception as error:
+        _faults.report("naming a remote-code load", error, "the WARNING may name the class looked up")
+
+
+def _is_model_class(cls: Any) -> bool:
+    torch_nn = sys.modules.get("torch.nn")
+    return isinstance(cls, type) and torch_nn is not None and issubclass(cls, torch_nn.Module)
+
+
+#: transformers functions whose frame holds the dtype a remote model is loaded in (``kwargs``, ``config``).
+_LOADERS = frozenset({"from_pretrained", "from_config", "_from_config"})
+
+
+def _load_dtype() -> str | None:
+    """The dtype transformers will build the model in, from the loading call in progress; None: unknown.
+
+    ``dtype=``/``torch_dtype=`` of the nearest ``from_pretrained``/``from_config`` frame of transformers;
+    "auto", and no dtype at all on 5.x (whose default is the config's dtype), mean the config's
+    ``dtype``/``torch_dtype``. None (torch's default dtype applies) when there is no such call or it
+    does not say. Never raises.
+    """
+    try:
+        frame = sys._getframe(1)
+        try:
+            while frame is not None:
+                name = str(frame.f_globals.get("__name__") or "")
+                if name.startswith("transformers.") and frame.f_code.co_name in _LOADERS:
+                    return _dtype_of_call(frame.f_locals)
+                frame = frame.f_back
+        finally:
+            del frame
+    except Exception:
+        logger.debug("the dtype of a remote-code load could not be read", exc_info=True)
+    return None
+
+
+def _dtype_of_call(names: dict[str, Any]) -> str | None:
+    requested: Any = None
+    for source in (names.get("kwargs"), names.get("kwargs_orig")):
+        if isinstance(source, dict):
+            requested = source.get("dtype") or source.get("torch_dtype")
+            if requested is not None:
+                break
+    if requested is None:
+        transformers = sys.modules.get("transformers")
+        major = str(getattr(transformers, "__version__", "0")).split(".")[0]
+        requested = "auto" if major.isdigit() and int(major) >= 5 else None
+    if requested == "auto":
+        config = names.get("config")
+        settings = getattr(config, "__dict__", {})
+        requested = settings.get("dtype") or settings.get("torch_dtype")
+    if requested is None or requested == "auto":
+        return None
+    return str(requested).removeprefix("torch.")
 
 
 def _plan(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -163,8 +235,7 @@ def _mentions_flash_attn(path: Path) -> bool:
 def _adopt(cls: Any) -> None:
     """Wrap the model class's ``__init__`` so lazy flash_attn imports during construction are served."""
     try:
-        torch_nn = sys.modules.get("torch.nn")
-        if not isinstance(cls, type) or torch_nn is None or not issubclass(cls, torch_nn.Module):
+        if not _is_model_class(cls):
             return
         wrapper_type = _state.wrapper_type()
         with _lock:
@@ -195,5 +266,8 @@ def _delegating_init(cls: type) -> Any:
 def _init_wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if instance is None or not is_active():
         return wrapped(*args, **kwargs)
-    with loading(type(instance).__name__):
+    cls = type(instance)
+    with loading(cls.__name__) as window:  # dtype: torch's default, which transformers sets while building
+        if window is not None:
+            window.package = cls.__module__.rpartition(".")[0]
         return wrapped(*args, **kwargs)

@@ -4,16 +4,32 @@ A window opens per model load in one thread (class resolution and the model clas
 ``remote_code``). While any window is open in this thread, a *remote module* (``transformers_modules.*``)
 that imports ``flash_attn`` gets the PyTorch stand-in (``standin_import``'s finder asks ``should_serve``),
 and ``is_flash_attn_2_available()`` called from a remote module answers True (``availability_for_caller``),
-so guarded imports run and define their names. When the last window closes the stand-in leaves
-``sys.modules`` (a real but unusable flash_attn is put back) and one WARNING per model names the class,
-the importing files and the reason.
+so guarded imports run and define their names.
+
+**Never worse than without the shim** (``_serve_guarded``). An import the remote code guards itself (inside
+``try`` with a handler for ImportError/Exception/bare, under ``if is_flash_attn_*()``/``find_spec``, or the
+availability call and ``find_spec`` probe themselves) has a fallback: serving it is a speed-up, not a
+rescue. It is served unless the importing module checks for CUDA or half precision (``assert qkv.is_cuda``,
+``assert x.dtype in [torch.float16, torch.bfloat16]``, or the same test raising): such a flash path cannot
+run on CPU or in float32, stand-in or not, so the module is served only when a CUDA device is present and
+the load's dtype is float16/bfloat16. Otherwise its import fails as without the shim and it takes its own
+fallback. Unguarded imports are always served: the module could not even load otherwise. Each decision is
+logged at DEBUG, once per module and load.
+
+When the last window closes the stand-in leaves ``sys.modules`` (a real but unusable flash_attn is put
+back) and one WARNING per model names the model class and every remote module of the load that imported
+flash_attn. Imports served while a *config* class resolved (a config defined in the modeling file) wait
+for the model class of the same package (``_pending``); modules that took flash_attn from ``sys.modules``
+(no finder lookup) are found by the stand-in objects their globals hold.
 
 ``SDPA_SHIM_STANDIN=1`` serves every importer, for the whole process, where ``import flash_attn`` would fail.
 """
 
 from __future__ import annotations
 
+import ast
 import logging
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -35,6 +51,11 @@ IMPLEMENTATION = "flash_attention_2"
 REMOTE_PREFIX = "transformers_modules."
 #: Top-level names of frames that are plumbing, not the code that imports or asks.
 _PLUMBING = frozenset({"importlib", "_frozen_importlib", "_frozen_importlib_external", "sdpa_shim", "wrapt"})
+#: Exceptions whose handler makes a ``try`` around a flash_attn import a fallback.
+_IMPORT_FAILURES = frozenset({"ImportError", "ModuleNotFoundError", "Exception", "BaseException"})
+#: Calls that test for flash_attn (``if is_flash_attn_2_available():``, ``if find_spec("flash_attn"):``).
+_PROBES = frozenset({"find_spec", "find_loader"})
+_HALF = frozenset({"float16", "bfloat16", "half"})
 
 
 @dataclass(frozen=True)
@@ -56,18 +77,12 @@ class _Window:
     #: Importers served besides remote modules: "transformers." while transformers' own flash path imports
     #: its kernels for a model the shim serves (see ``flash_paths``).
     also_serves: str = ""
-
-
-@dataclass(eq=False)
-class _Window:
-    """One model being loaded in one thread."""
-
-    label: str  # the model class the WARNING names ("" for transformers' own flash path: no WARNING)
-    status: FlashStatus
-    importers: list[str] = field(default_factory=list)
-    #: Importers served besides remote modules: "transformers." while transformers' own flash path imports
-    #: its kernels for a model the shim serves (see ``flash_paths``).
-    also_serves: str = ""
+    #: The dtype the load builds the model in ("bfloat16"), when the opener knows it; else torch's default.
+    dtype: str | None = None
+    #: ``transformers_modules.<repo>``: the package of the class being loaded (set by ``remote_code``).
+    package: str = ""
+    #: remote module -> serve its guarded imports? (decided once per module and load)
+    guarded: dict[str, bool] = field(default_factory=dict)
 
 
 _lock = threading.RLock()
@@ -77,6 +92,11 @@ _local = threading.local()  # .windows: this thread's open windows, outermost fi
 _uses: list[StandinUse] = []
 _announced: set[tuple[str, str, str]] = set()
 _everywhere_announced = False
+#: package -> remote modules served while a non-model class of it (its config) resolved: named in the
+#: WARNING of the model class of that package.
+_pending: dict[str, list[str]] = {}
+#: file -> ((mtime, size), its source facts): guarded line ranges and CUDA/half-precision checks.
+_sources: dict[str, tuple[tuple[int, int], _SourceFacts]] = {}
 
 
 def install_if_opted_in() -> None:
@@ -100,15 +120,21 @@ def clear() -> None:
     with _lock:
         _uses.clear()
         _announced.clear()
+        _pending.clear()
         _everywhere_announced = False
 
 
 @contextmanager
-def loading(label: str) -> Iterator[None]:
-    """While the body runs, remote modules that import flash_attn in this thread get the stand-in."""
-    window = _open(label)
+def loading(label: str, dtype: str | None = None) -> Iterator[_Window | None]:
+    """While the body runs, remote modules that import flash_attn in this thread get the stand-in.
+
+    ``dtype``: what the load builds the model in, when known (guarded imports of modules that check for
+    CUDA/half precision are served only in float16/bfloat16); None: torch's default dtype at the import.
+    Yields the window (None when nothing is served): ``remote_code`` relabels it once the class is known.
+    """
+    window = _open(label, dtype=dtype)
     try:
-        yield
+        yield window
     finally:
         if window is not None:
             _close(window)
@@ -146,11 +172,15 @@ def should_serve(fullname: str) -> bool:
         return False
     windows = _windows()
     if windows:
-        importer = _caller_module()
+        frames, probe = _remote_frames()
+        importer = frames[0][0] if frames else _caller_module()
         window = _serves_importer(importer)
         if window is not None:
-            if importer.startswith(REMOTE_PREFIX) and importer not in windows[0].importers:
-                windows[0].importers.append(importer)
+            if importer.startswith(REMOTE_PREFIX):
+                if not _serve_guarded(windows[0], frames, probe):
+                    return False
+                if importer not in windows[0].importers:
+                    windows[0].importers.append(importer)
             return True
     if read_settings().standin_everywhere:
         if _caller_module().split(".")[0] == "transformers":
@@ -171,9 +201,12 @@ def availability_for_caller(answer: Any) -> Any:
     try:
         if answer or not _windows() or not is_active():
             return answer
-        caller = _caller_module()
+        frames, _ = _remote_frames()
+        caller = frames[0][0] if frames else _caller_module()
         if _serves_importer(caller) is None:
             return answer
+        if caller.startswith(REMOTE_PREFIX) and not _serve_guarded(_windows()[0], frames, probe=True):
+            return answer  # the caller's own fallback runs, as without the shim
         logger.debug("is_flash_attn_2_available() is True for %s: the stand-in serves its imports", caller)
         return True
     except Exception as error:
@@ -181,7 +214,7 @@ def availability_for_caller(answer: Any) -> Any:
         return answer
 
 
-def _open(label: str, also_serves: str = "") -> _Window | None:
+def _open(label: str, also_serves: str = "", dtype: str | None = None) -> _Window | None:
     global _open_windows
     try:
         if not is_active():
@@ -190,7 +223,7 @@ def _open(label: str, also_serves: str = "") -> _Window | None:
         if status.usable:
             return None
         standin_import.install(should_serve)
-        window = _Window(label, status, also_serves=also_serves)
+        window = _Window(label, status, also_serves=also_serves, dtype=dtype)
         with _lock:
             if _open_windows == 0:
                 _hidden.update(standin_import.hide_real())
@@ -218,14 +251,53 @@ def _close(window: _Window) -> None:
                     logger.debug("stand-in left sys.modules: %s", ", ".join(dropped) or "nothing served")
                 standin_import.restore(_hidden)
                 _hidden.clear()
-        if window.importers and window.label:
-            _announce(window)
+        _settle(window)
     except Exception as error:
         _faults.report("closing a remote-code load", error, "the stand-in may stay in sys.modules")
 
 
-def _announce(window: _Window) -> None:
-    use = StandinUse(window.label, tuple(window.importers), window.status.reason)
+def _settle(window: _Window) -> None:
+    """Announce a model window (with its package's pending importers); park a config window's importers."""
+    if not window.label:
+        if window.package and window.importers:
+            with _lock:
+                pending = _pending.setdefault(window.package, [])
+                pending += [name for name in window.importers if name not in pending]
+            logger.debug("flash_attn served to %s before its model class", ", ".join(window.importers))
+        return
+    with _lock:
+        pending = _pending.pop(window.package, []) if window.package else []
+    if not (window.importers or pending):
+        return
+    importers = list(dict.fromkeys(window.importers + pending))
+    importers += [name for name in _holders(window.package) if name not in importers]
+    _announce(window, importers)
+
+
+def _holders(package: str) -> list[str]:
+    """Remote modules of ``package`` whose globals hold the stand-in (bound from ``sys.modules``)."""
+    if not package:
+        return []
+    found = []
+    for name, module in list(sys.modules.items()):
+        if not name.startswith(package + ".") or module is None:
+            continue
+        try:
+            values = list(vars(module).values())
+        except TypeError:
+            continue
+        if any(
+            standin_import.is_standin(value)
+            or str(getattr(value, "__module__", None) or "").startswith(standin_import.STANDIN)
+            for value in values
+            if not isinstance(value, type)
+        ):
+            found.append(name)
+    return sorted(found)
+
+
+def _announce(window: _Window, importers: list[str]) -> None:
+    use = StandinUse(window.label, tuple(importers), window.status.reason)
     files = ", ".join(name.rpartition(".")[2] for name in use.importers)
     key = (use.model, files, use.reason)  # the same model code from another directory is the same model
     with _lock:
@@ -260,6 +332,161 @@ def _serves_everywhere(status: FlashStatus) -> bool:
     return status.version is None or status.reason.startswith(
         f"{PACKAGES[IMPLEMENTATION].module} import failed"
     )
+
+
+@dataclass(frozen=True)
+class _SourceFacts:
+    """What a remote file says about its flash_attn imports."""
+
+    #: (first line, last line, what guards it): try bodies with an import-failure handler, probe ifs.
+    guards: tuple[tuple[int, int, str], ...] = ()
+    #: (line, source) of asserts/raises that test for CUDA or half precision.
+    checks: tuple[tuple[int, str], ...] = ()
+
+
+def _serve_guarded(window: _Window, frames: list[tuple[str, str, int]], probe: bool = False) -> bool:
+    """Serve this lookup? Unguarded: yes. Guarded: yes unless the module needs CUDA/half and won't get it.
+
+    ``frames``: the remote frames making the lookup, innermost first, as (module, file, line); ``probe``:
+    the lookup is itself a test for flash_attn (``find_spec``, ``is_flash_attn_2_available()``).
+    """
+    if not frames:
+        return True
+    importer = frames[0][0]
+    decided = window.guarded.get(importer)
+    if decided is not None:
+        return decided
+    facts = [(_source_facts(file), line) for _, file, line in frames]
+    guard = "a flash_attn probe" if probe else ""
+    for source, line in facts:
+        guard = guard or next((what for first, last, what in source.guards if first <= line <= last), "")
+    if not guard:
+        return True  # not decided for the module: its next import may be guarded
+    checks = [check for source, _ in facts for check in source.checks]
+    serve, why = True, "no CUDA or half-precision check in the module"
+    if checks:
+        device, dtype = _target(window)
+        serve = device == "cuda" and dtype in _HALF
+        line, text = checks[0]
+        why = f"the module checks CUDA/half precision (line {line}: {text}); this load: {device}, {dtype}"
+    outcome = "its flash path runs on the stand-in" if serve else "its own fallback runs, as without the shim"
+    window.guarded[importer] = serve
+    logger.debug(
+        "%s guards its flash_attn import (%s); %s: %s: %s",
+        importer.rpartition(".")[2],
+        guard,
+        "served" if serve else "not served",
+        why,
+        outcome,
+    )
+    return serve
+
+
+def _target(window: _Window) -> tuple[str, str]:
+    """(device, dtype) the guarded flash path would run on: CUDA when present, the load's dtype."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return "cpu", window.dtype or "float32"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device, window.dtype or str(torch.get_default_dtype()).removeprefix("torch.")
+
+
+def _source_facts(file: str) -> _SourceFacts:
+    """Guards and CUDA/half checks of a remote file (parsed once per version of the file)."""
+    try:
+        stat = os.stat(file)
+        key = (stat.st_mtime_ns, stat.st_size)
+        cached = _sources.get(file)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with open(file, encoding="utf-8") as handle:
+            text = handle.read()
+        facts = _read_source(text)
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+        return _SourceFacts()  # no source (exec'd code): unguarded, no checks
+    _sources[file] = (key, facts)
+    return facts
+
+
+def _read_source(text: str) -> _SourceFacts:
+    tree = ast.parse(text)
+    guards: list[tuple[int, int, str]] = []
+    checks: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try | getattr(ast, "TryStar", ast.Try)) and node.body:
+            caught = [_caught(handler) for handler in node.handlers]
+            if any(caught):
+                what = "try/except " + next(name for name in caught if name)
+                guards.append((node.body[0].lineno, node.body[-1].end_lineno or node.lineno, what))
+        elif isinstance(node, ast.If) and _probes(node.test):
+            guards.append((node.lineno, node.end_lineno or node.lineno, f"if {ast.unparse(node.test)}"))
+        if isinstance(node, ast.Assert):
+            check = "assert"
+        elif isinstance(node, ast.If) and any(isinstance(child, ast.Raise) for child in node.body):
+            check = "if"
+        else:
+            continue
+        if _cuda_or_half(node.test):
+            checks.append((node.lineno, f"{check} {ast.unparse(node.test)}"))
+    return _SourceFacts(tuple(guards), tuple(checks))
+
+
+def _caught(handler: ast.ExceptHandler) -> str:
+    """The import failure the handler catches ("ImportError", "bare"), or ""."""
+    if handler.type is None:
+        return "bare"
+    types = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+    for node in types:
+        name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
+        if name in _IMPORT_FAILURES:
+            return name
+    return ""
+
+
+def _probes(test: ast.expr) -> bool:
+    """Whether an ``if`` test calls ``is_flash_attn_*`` or ``find_spec``."""
+    for node in ast.walk(test):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in _PROBES or name.startswith("is_flash_attn"):
+                return True
+    return False
+
+
+def _cuda_or_half(test: ast.expr) -> bool:
+    """Whether a test reads ``.is_cuda``, ``torch.cuda``, ``"cuda"`` or a half-precision dtype."""
+    for node in ast.walk(test):
+        if isinstance(node, ast.Attribute) and (node.attr in ("is_cuda", "cuda") or node.attr in _HALF):
+            return True
+        if isinstance(node, ast.Constant) and node.value == "cuda":
+            return True
+    return False
+
+
+def _remote_frames() -> tuple[list[tuple[str, str, int]], bool]:
+    """The remote frames making the current lookup, innermost first, and whether it is a ``find_spec``.
+
+    Frames of import machinery, the shim and wrapt are skipped; the walk stops at the first other frame
+    that is not a remote module (transformers loading the model).
+    """
+    frames: list[tuple[str, str, int]] = []
+    probe = False
+    frame = sys._getframe(1)
+    try:
+        while frame is not None:
+            name = frame.f_globals.get("__name__") or ""
+            code = frame.f_code
+            if code.co_filename.startswith("<frozen ") or name.split(".")[0] in _PLUMBING:
+                probe = probe or (not frames and name == "importlib.util" and code.co_name == "find_spec")
+            elif name.startswith(REMOTE_PREFIX):
+                frames.append((name, code.co_filename, frame.f_lineno))
+            else:
+                break
+            frame = frame.f_back
+        return frames, probe
+    finally:
+        del frame
 
 
 def _windows() -> list[_Window]:
