@@ -44,6 +44,13 @@ def _isolate(monkeypatch):
 
 
 @pytest.fixture
+def plain_sdpa_downgrade(monkeypatch):
+    """``SDPA_SHIM_FALLBACK=sdpa``: the plain sdpa downgrade, which 4.56+ takes only when asked for
+    (before 4.56 it is the default); for tests of what that downgrade does (backends, packed rows)."""
+    monkeypatch.setenv("SDPA_SHIM_FALLBACK", "sdpa")
+
+
+@pytest.fixture
 def shim_records(caplog):
     """Records from the ``sdpa_shim`` logger at WARNING and above."""
     caplog.set_level(logging.DEBUG, logger="sdpa_shim")

@@ -14,8 +14,15 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import sdpa_shim
+from sdpa_shim._core.policy import FLASH_PATH
 
 TRANSFORMERS = Version(transformers.__version__)
+#: From 4.56 a flash request flash-attn cannot serve keeps transformers' flash path on PyTorch kernels
+#: (tests/test_flash_paths.py); before, it is downgraded to sdpa.
+SERVES_FLASH_PATH = Version("4.56") <= TRANSFORMERS
+#: What the config of a model with flash and SDPA support reads after a flash request, and the decision.
+EXPECTED_IMPLEMENTATION = "flash_attention_2" if SERVES_FLASH_PATH else "sdpa"
+EXPECTED_CHOSEN = FLASH_PATH if SERVES_FLASH_PATH else "sdpa"
 
 
 def without_shim(build):

@@ -18,6 +18,9 @@ import sdpa_shim
 from models import input_ids, logits, tiny_llama_config
 from sdpa_shim._runtime import backends as _backends
 
+#: The policy applies to models downgraded to sdpa (default before 4.56, SDPA_SHIM_FALLBACK=sdpa after).
+pytestmark = pytest.mark.usefixtures("plain_sdpa_downgrade")
+
 FLAGS = ("flash", "efficient", "math", "cudnn")
 SETTERS = ("_set_sdp_use_flash", "_set_sdp_use_mem_efficient", "_set_sdp_use_math", "_set_sdp_use_cudnn")
 
@@ -312,7 +315,9 @@ def test_torch_compile_on_cpu_matches_eager_mode():
         with torch.no_grad():
             torch.compile(reference, backend="aot_eager", fullgraph=True)(input_ids())
     except torch._dynamo.exc.Unsupported as error:
-        pytest.skip(f"plain transformers {transformers.__version__} cannot compile with fullgraph: {error}"[:200])
+        pytest.skip(
+            f"plain transformers {transformers.__version__} cannot compile with fullgraph: {error}"[:200]
+        )
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     ids = input_ids()

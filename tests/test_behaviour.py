@@ -13,6 +13,7 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import sdpa_shim
+from loading import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION
 from models import input_ids, logits, save_tiny_llava, tiny_llama_config
 
 TRANSFORMERS = Version(transformers.__version__)
@@ -119,7 +120,8 @@ def test_activate_twice_wraps_once():
 
 
 @pytest.mark.skipif(
-    Version("4.56") > TRANSFORMERS, reason="dict requests on Llava raise AttributeError in transformers <= 4.55 itself"
+    Version("4.56") > TRANSFORMERS,
+    reason="dict requests on Llava raise AttributeError in transformers <= 4.55 itself",
 )
 def test_composite_dict_request_decides_each_sub_model(tmp_path, shim_records):
     from transformers import LlavaForConditionalGeneration
@@ -129,13 +131,13 @@ def test_composite_dict_request_decides_each_sub_model(tmp_path, shim_records):
     caller_dict = dict(request)
     model = LlavaForConditionalGeneration.from_pretrained(directory, attn_implementation=caller_dict)
     assert caller_dict == request  # never mutated
-    assert model.config._attn_implementation == "sdpa"
-    assert model.config.text_config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == EXPECTED_IMPLEMENTATION
+    assert model.config.text_config._attn_implementation == EXPECTED_IMPLEMENTATION
     assert model.config.vision_config._attn_implementation == "sdpa"
     decided = sorted((d.model, d.requested, d.chosen) for d in sdpa_shim.decisions())
     assert decided == [
-        ("LlamaModel", "flash_attention_2", "sdpa"),
-        ("LlavaForConditionalGeneration", "flash_attention_2", "sdpa"),
+        ("LlamaModel", "flash_attention_2", EXPECTED_CHOSEN),
+        ("LlavaForConditionalGeneration", "flash_attention_2", EXPECTED_CHOSEN),
     ]
     assert len(shim_records()) == 2
     sdpa_shim.deactivate()
@@ -157,8 +159,8 @@ def test_composite_sub_config_request_uses_sub_model_class(tmp_path, shim_record
     config = tiny_llava_config()
     config.vision_config._attn_implementation = "flash_attention_2"
     model = LlavaForConditionalGeneration(config)
-    assert model.config.vision_config._attn_implementation == "sdpa"
-    assert [(d.model, d.chosen) for d in sdpa_shim.decisions()] == [("CLIPVisionModel", "sdpa")]
+    assert model.config.vision_config._attn_implementation == EXPECTED_IMPLEMENTATION
+    assert [(d.model, d.chosen) for d in sdpa_shim.decisions()] == [("CLIPVisionModel", EXPECTED_CHOSEN)]
 
 
 def test_save_pretrained_keeps_the_users_request(tiny_llama, tmp_path):
@@ -169,7 +171,7 @@ def test_save_pretrained_keeps_the_users_request(tiny_llama, tmp_path):
     data["_attn_implementation"] = "flash_attention_2"
     config_file.write_text(json.dumps(data))
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == EXPECTED_IMPLEMENTATION
     model.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert saved.get("_attn_implementation") in (None, "flash_attention_2")
@@ -187,4 +189,4 @@ def test_config_object_is_the_callers(tiny_llama):
     changes what transformers itself would have written (the chosen implementation)."""
     config = tiny_llama_config(attn_implementation="flash_attention_2")
     LlamaForCausalLM(config)
-    assert config._attn_implementation == "sdpa"
+    assert config._attn_implementation == EXPECTED_IMPLEMENTATION

@@ -24,6 +24,7 @@ import transformers
 from packaging.version import Version
 
 from fakes import BROKEN_IMPORT_ERROR, write_flash_attn_distribution
+from loading import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION
 
 TRANSFORMERS = Version(transformers.__version__)
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -106,11 +107,11 @@ def test_shim_first_import_load_and_run_work(broken_site):
     result = run_python(LOG_SETUP + "import sdpa_shim\n" + textwrap.dedent(LOAD_AND_RUN), broken_site)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["chosen"] == "sdpa"
+    assert report["chosen"] == EXPECTED_IMPLEMENTATION
     assert report["same_logits"] is True
     assert report["available"] is False
     [[model, requested, chosen, reason]] = report["decisions"]
-    assert (model, requested, chosen) == ("LlamaForCausalLM", "flash_attention_2", "sdpa")
+    assert (model, requested, chosen) == ("LlamaForCausalLM", "flash_attention_2", EXPECTED_CHOSEN)
     assert reason == f"flash_attn import failed: ImportError: {BROKEN_IMPORT_ERROR}"
     assert len(_shim_warnings(result.stderr)) == 1, result.stderr[-3000:]
 

@@ -12,6 +12,9 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import sdpa_shim
 from loading import (
+    EXPECTED_CHOSEN,
+    EXPECTED_IMPLEMENTATION,
+    SERVES_FLASH_PATH,
     assert_one_warning,
     load_auto,
     load_config_json,
@@ -32,9 +35,9 @@ def test_from_pretrained_paths(load, tiny_llama, flash_failure, shim_records):
     _mode, reason = flash_failure
     expected = reference(tiny_llama)
     model = load(tiny_llama)
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == EXPECTED_IMPLEMENTATION
     torch.testing.assert_close(logits(model), logits(expected), rtol=0, atol=0)
-    assert_one_warning(shim_records, "LlamaForCausalLM", "flash_attention_2", "sdpa", reason)
+    assert_one_warning(shim_records, "LlamaForCausalLM", "flash_attention_2", EXPECTED_CHOSEN, reason)
 
 
 @pytest.mark.parametrize(
@@ -58,9 +61,9 @@ def test_config_paths(build, flash_failure, shim_records):
     expected = LlamaForCausalLM(tiny_llama_config(attn_implementation="sdpa"))
     sdpa_shim.activate()
     expected.load_state_dict(model.state_dict())  # same weights, attention chosen without the shim
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == EXPECTED_IMPLEMENTATION
     torch.testing.assert_close(logits(model), logits(expected), rtol=0, atol=0)
-    assert_one_warning(shim_records, "LlamaForCausalLM", "flash_attention_2", "sdpa", reason)
+    assert_one_warning(shim_records, "LlamaForCausalLM", "flash_attention_2", EXPECTED_CHOSEN, reason)
 
 
 def _with_request(config):
@@ -72,23 +75,24 @@ def test_set_attn_implementation(tiny_llama, flash_failure, shim_records):
     _mode, reason = flash_failure
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="eager")
     model.set_attn_implementation("flash_attention_2")
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == EXPECTED_IMPLEMENTATION
     torch.testing.assert_close(logits(model), logits(reference(tiny_llama)), rtol=0, atol=0)
-    assert_one_warning(shim_records, "LlamaForCausalLM", "flash_attention_2", "sdpa", reason)
+    assert_one_warning(shim_records, "LlamaForCausalLM", "flash_attention_2", EXPECTED_CHOSEN, reason)
 
 
 def test_paged_prefix(tiny_llama, shim_records):
     registry = transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS
     if "paged|sdpa" not in registry and Version("5.23") > TRANSFORMERS:
         pytest.skip(f"transformers {TRANSFORMERS} has no paged attention names")
-    expected_name = "paged|sdpa" if "paged|sdpa" in registry else "sdpa"
+    target = "flash_attention_2" if SERVES_FLASH_PATH else "sdpa"
+    expected_name = f"paged|{target}" if f"paged|{target}" in registry else target
     model = LlamaForCausalLM.from_pretrained(tiny_llama, attn_implementation="paged|flash_attention_2")
     assert model.config._attn_implementation == expected_name
     assert_one_warning(
         shim_records,
         "LlamaForCausalLM",
         "paged|flash_attention_2",
-        expected_name,
+        EXPECTED_CHOSEN if SERVES_FLASH_PATH else expected_name,
         "flash-attn is not installed",
     )
 
@@ -100,11 +104,11 @@ def test_pipeline_model_kwargs(tiny_llama, shim_records):
     generator = transformers.pipeline(
         "text-generation", model=str(tiny_llama), model_kwargs={"attn_implementation": "flash_attention_2"}
     )
-    assert generator.model.config._attn_implementation == "sdpa"
+    assert generator.model.config._attn_implementation == EXPECTED_IMPLEMENTATION
     out = generator("a b c", max_new_tokens=3, do_sample=False)
     assert isinstance(out[0]["generated_text"], str)
     assert_one_warning(
-        shim_records, "LlamaForCausalLM", "flash_attention_2", "sdpa", "flash-attn is not installed"
+        shim_records, "LlamaForCausalLM", "flash_attention_2", EXPECTED_CHOSEN, "flash-attn is not installed"
     )
 
 
@@ -114,9 +118,11 @@ def test_newer_flash_versions_when_missing(tiny_llama, version, shim_records):
     if version not in registry:
         pytest.skip(f"transformers {TRANSFORMERS} does not know {version}")
     model = LlamaForCausalLM.from_pretrained(tiny_llama, attn_implementation=version)
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == EXPECTED_IMPLEMENTATION
     label = {"flash_attention_3": "flash-attn 3", "flash_attention_4": "flash-attn 4"}[version]
-    assert_one_warning(shim_records, "LlamaForCausalLM", version, "sdpa", f"{label} is not installed")
+    assert_one_warning(
+        shim_records, "LlamaForCausalLM", version, EXPECTED_CHOSEN, f"{label} is not installed"
+    )
 
 
 def test_generate_after_downgrade(tiny_llama):

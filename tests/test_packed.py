@@ -1,5 +1,8 @@
-"""Packed, padding-free batches on a downgraded model: each sequence's logits equal those of the
-sequence run alone, with and without KV cache, in eval and train mode; or a loud refusal."""
+"""Packed, padding-free batches on a model downgraded to sdpa: each sequence's logits equal those of the
+sequence run alone, with and without KV cache, in eval and train mode; or a loud refusal.
+
+The sdpa downgrade is the default before 4.56 and ``SDPA_SHIM_FALLBACK=sdpa`` after; the flash path's
+packed rows are tested in test_flash_paths.py."""
 
 from __future__ import annotations
 
@@ -13,9 +16,12 @@ import sdpa_shim
 from models import tiny_llama_config
 
 TRANSFORMERS = Version(transformers.__version__)
-pytestmark = pytest.mark.skipif(
-    Version("4.48") > TRANSFORMERS, reason="before 4.48 there is no attention registry; see test_legacy_*"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        Version("4.48") > TRANSFORMERS, reason="before 4.48 there is no attention registry; see test_legacy_*"
+    ),
+    pytest.mark.usefixtures("plain_sdpa_downgrade"),  # the flash path's packed rows: test_flash_paths.py
+]
 
 SEQUENCES = [[5, 9, 17], [33, 2, 70, 3], [11, 12]]
 

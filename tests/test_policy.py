@@ -9,7 +9,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdpa_shim._core.detect import FlashStatus
-from sdpa_shim._core.policy import Decision, ModelFacts, decide, flash_implementation
+from sdpa_shim._core.policy import (
+    FLASH_PATH,
+    Decision,
+    ModelFacts,
+    decide,
+    flash_implementation,
+    served_name,
+)
 from sdpa_shim._core.settings import (
     BACKEND_VALUES,
     FALLBACK_VALUES,
@@ -27,6 +34,10 @@ LLAMA = ModelFacts("LlamaForCausalLM", supports_sdpa=True, dtype="bfloat16")
 
 def ok() -> str:
     return ""
+
+
+def forbidden() -> str:
+    raise AssertionError("the SDPA probe must not run for this decision")
 
 
 def test_examples():
@@ -96,6 +107,8 @@ facts = st.builds(
     st.booleans(),
     st.sampled_from([None, "float16", "bfloat16", "float32"]),
     st.frozensets(st.sampled_from(["sdpa", "paged|sdpa", "paged|eager", "flash_attention_2"])),
+    st.booleans(),
+    st.sampled_from(["", "_supports_sdpa is computed (property), not a plain class attribute"]),
 )
 settings_values = st.builds(Settings, st.sampled_from([None, True]), st.sampled_from(FALLBACK_VALUES))
 probe_results = st.sampled_from(["", "RuntimeError: boom"])
@@ -114,10 +127,16 @@ def test_policy_properties(requested, status, model, shim_settings, probe_result
         return
     assert decision is not None
     assert decision.model == model.name and decision.requested == requested
+    if decision.chosen == FLASH_PATH:  # kept on the flash path: only when asked (auto), possible, and needed
+        assert shim_settings.fallback == "auto" and model.flash_paths and not status.usable
+        assert decision.reason == status.reason
+        return
     base = decision.chosen.removeprefix("paged|")
     assert base in ("sdpa", "eager")
+    assert not (shim_settings.fallback == "auto" and model.flash_paths and not status.usable)
     if base == "sdpa":
-        assert model.supports_sdpa and shim_settings.fallback == "sdpa" and probe_result == ""
+        assert model.supports_sdpa and shim_settings.fallback in ("auto", "sdpa") and probe_result == ""
+        assert not model.facts_error
     else:
         assert not model.supports_sdpa or shim_settings.fallback == "eager" or probe_result
     assert decision.reason.startswith(status.reason if not status.usable else "")
@@ -127,7 +146,7 @@ def test_policy_properties(requested, status, model, shim_settings, probe_result
 
 VARIABLES = {
     "SDPA_SHIM": ("enabled", None),
-    "SDPA_SHIM_FALLBACK": ("fallback", "sdpa"),
+    "SDPA_SHIM_FALLBACK": ("fallback", "auto"),
     "SDPA_SHIM_BACKEND": ("backend", "auto"),
     "SDPA_SHIM_STANDIN": ("standin_everywhere", False),
 }
@@ -178,3 +197,34 @@ def test_env_fuzz_never_raises_and_warns_once(name, raw, caplog):
 )
 def test_enabled_values(raw, expected):
     assert read_settings({"SDPA_SHIM": raw}).enabled is expected
+
+
+def test_flash_path_kept_where_the_release_and_class_allow():
+    servable = ModelFacts("LlamaForCausalLM", supports_sdpa=True, flash_paths=True)
+    decision = decide("flash_attention_2", MISSING, servable, Settings(), forbidden)
+    assert decision == Decision("LlamaForCausalLM", "flash_attention_2", FLASH_PATH, MISSING.reason)
+    # the plain downgrade when asked for, and wherever the flash path cannot be served
+    assert decide("flash_attention_2", MISSING, servable, Settings(fallback="sdpa"), ok).chosen == "sdpa"
+    assert decide("flash_attention_2", MISSING, LLAMA, Settings(), ok).chosen == "sdpa"
+
+
+def test_flash_path_never_replaces_a_usable_flash_attn_that_cannot_take_float32():
+    """flash-attn usable but float32 weights: its kernels would be the ones called, so sdpa instead."""
+    fp32 = ModelFacts("M", True, dtype="float32", flash_paths=True)
+    assert decide("flash_attention_2", USABLE, fp32, Settings(), ok).chosen == "sdpa"
+
+
+def test_unreadable_sdpa_support_chooses_eager_and_says_why():
+    computed = ModelFacts(
+        "Florence2", supports_sdpa=False, facts_error="_supports_sdpa is computed (property)"
+    )
+    decision = decide("flash_attention_2", MISSING, computed, Settings(fallback="sdpa"), forbidden)
+    assert decision.chosen == "eager"
+    assert "SDPA support could not be read (_supports_sdpa is computed (property))" in decision.reason
+
+
+def test_served_name_keeps_paged_only_where_registered():
+    assert served_name("flash_attention_3", frozenset()) == "flash_attention_2"
+    assert served_name("paged|flash_attention_2", frozenset()) == "flash_attention_2"
+    registered = frozenset({"paged|flash_attention_2"})
+    assert served_name("paged|flash_attention_2", registered) == "paged|flash_attention_2"

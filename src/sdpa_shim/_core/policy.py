@@ -81,13 +81,11 @@ def decide(
     return Decision(facts.name, requested, _with_prefix(requested, chosen, facts.registered), reason)
 
 
-def served_name(requested: str) -> str:
-    """The config value for a request kept on the flash path: flash_attention_2, ``paged|`` kept.
-
-    FA3/FA4 requests land on the same flash path: the stand-in speaks flash-attn 2's API.
+def served_name(requested: str, registered: frozenset[str]) -> str:
+    """The config value for a request kept on the flash path: flash_attention_2 (``paged|`` kept where
+    this release registers it). FA3/FA4 requests land on the same path: the stand-in speaks FA2's API.
     """
-    prefix = "paged|" if requested.startswith("paged|") else ""
-    return prefix + SERVED_IMPLEMENTATION
+    return _with_prefix(requested, SERVED_IMPLEMENTATION, registered)
 
 
 def _flash_blocker(status: FlashStatus, facts: ModelFacts) -> str | None:

@@ -49,6 +49,7 @@ FIRST_RELEASE = (4, 56)
 _IMPORT_TIME_FLASH_NAMES = ("_flash_attention_forward", "flash_attn_func", "flash_attn_varlen_func")
 
 _wrapped: list[tuple[ModuleType, Any]] = []
+_loaded_ok = False  # transformers holds its flash kernels (the stand-in's, or flash-attn's own)
 
 
 def install(module: ModuleType | None = None) -> None:
@@ -78,20 +79,37 @@ def uninstall() -> None:
 def servable(cls: type) -> bool:
     """Whether a model of ``cls`` can keep its flash paths here (see the module docstring). Never raises."""
     try:
-        module = sys.modules.get(MODULE)
+        function = getattr(sys.modules.get(MODULE), FUNCTION, None)
         wrapper_type = _state.wrapper_type_if_created()
-        if (
-            module is None
-            or wrapper_type is None
-            or not isinstance(getattr(module, FUNCTION, None), wrapper_type)
-        ):
+        if wrapper_type is None or not isinstance(function, wrapper_type):
             return False
-        return _transformers_class_without_import_time_flash(cls)
+        return _transformers_class_without_import_time_flash(cls) and _preloaded()
     except Exception as error:
         _faults.report(
             "checking whether a flash path can be served", error, "the model gets the sdpa downgrade"
         )
         return False
+
+
+def _preloaded() -> bool:
+    """Load transformers' flash kernels now, as transformers itself does at validation ("preload ... to
+    allow compile with fullgraph"): a served model then keeps its kernels even if the shim is deactivated
+    later. True once transformers holds them."""
+    if _loaded_ok:
+        return True
+    module = sys.modules.get(MODULE)
+    try:
+        module.lazy_import_flash_attention(IMPLEMENTATION)  # type: ignore[union-attr]
+    except Exception as error:
+        logger.debug("transformers' flash kernels could not be loaded (%r): sdpa downgrade", error)
+        return False
+    _mark_loaded()
+    return True
+
+
+def _mark_loaded() -> None:
+    global _loaded_ok
+    _loaded_ok = True
 
 
 def _lazy_imports(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -45,6 +45,12 @@ def mark(config: Any, kind: str = "sdpa") -> None:
         _downgraded[key] = (reference, kind)
 
 
+def forget(config: Any) -> None:
+    """Undo ``mark`` (a decision that could not be completed)."""
+    with _lock:
+        _downgraded.pop(id(config), None)
+
+
 def kind_of(config: Any) -> str | None:
     """What the shim chose for the model owning ``config`` ("sdpa", "eager", "flash"), or None."""
     entry = _downgraded.get(id(config))

@@ -62,7 +62,7 @@ def choice_for(
     if config is None:
         config = getattr(model_or_class, "config", None)
     if _attention.kind_of(config) == "flash":  # decided and announced already (a second validation)
-        return Choice(served_name(requested), "eager")
+        return Choice(served_name(requested, _registered_names()), "eager")
     status = _detect.flash_status(implementation)
     facts = model_facts(model_or_class, config, dtype)
     decision = decide(requested, status, facts, settings, lambda: _probe.sdpa_error(*probe_target(facts)))
@@ -71,11 +71,15 @@ def choice_for(
         return None
     if decision.chosen == FLASH_PATH:
         _attention.mark(config, "flash")
-        choice = Choice(served_name(requested), "eager")
+        choice = Choice(served_name(requested, facts.registered), "eager")
     else:
         _attention.mark(config, "sdpa" if decision.chosen.endswith("sdpa") else "eager")
         choice = Choice(decision.chosen, decision.chosen)
-    _decisions.record(decision)  # last: a fault before it leaves no WARNING about a change never made
+    try:
+        _decisions.record(decision)  # last: a fault before it leaves no WARNING about a change never made
+    except Exception:
+        _attention.forget(config)  # the call passes through unchanged: no later call may act on the mark
+        raise
     return choice
 
 
