@@ -27,7 +27,7 @@ from packaging.version import Version
 import sdpa_shim
 from fakes import forget_flash_attn, write_flash_attn_distribution
 from fresh import run_python
-from remote_models import PATTERNS, attention_classes, build, load, run
+from remote_models import PATTERNS, attention_classes, build, inputs, load, run
 from sdpa_shim._core import detect as _detect
 from sdpa_shim._integration import remote_code as _remote_code
 from sdpa_shim._integration import standin_import as _standin_import
@@ -365,3 +365,271 @@ def test_example_runs():
     assert "serving it with sdpa_shim's PyTorch stand-in" in result.stderr
     assert "vision attention classes: VisionFlashAttention2" in result.stdout
     assert "import flash_attn after loading: ModuleNotFoundError" in result.stdout
+
+
+# --- Issue 11: never worse than without the shim; the right names in the log ------------------------------
+
+HALF = (torch.float16, torch.bfloat16)
+DTYPE_KEY = "dtype" if TRANSFORMERS.major >= 5 else "torch_dtype"  # 5.x deprecates torch_dtype
+INTERN_GUARDS = {
+    "try": None,  # the file as written: try / bare except
+    "if_available": (
+        "from transformers.utils import is_flash_attn_2_available\n\n"
+        "has_flash_attn = False\n"
+        "if is_flash_attn_2_available():\n"
+        "    from flash_attn.bert_padding import pad_input, unpad_input\n"
+        "    from flash_attn.flash_attn_interface import flash_attn_varlen_qkvpacked_func\n\n"
+        "    has_flash_attn = True\n"
+    ),
+    "find_spec": (
+        "import importlib.util\n\n"
+        "has_flash_attn = False\n"
+        'if importlib.util.find_spec("flash_attn") is not None:\n'
+        "    from flash_attn.bert_padding import pad_input, unpad_input\n"
+        "    from flash_attn.flash_attn_interface import flash_attn_varlen_qkvpacked_func\n\n"
+        "    has_flash_attn = True\n"
+    ),
+}
+
+
+def build_intern(tmp_path, guard: str = "try", **overrides) -> Path:
+    """The InternViT-style package, its ``try`` block replaced by the guard named (same flash class)."""
+    path = build("try_asserts", tmp_path, **overrides)
+    if INTERN_GUARDS[guard] is not None:
+        file = path / "modeling_try_asserts.py"
+        text = file.read_text()
+        start, end = (
+            text.index("try:\n"),
+            text.index("    has_flash_attn = False\n") + len("    has_flash_attn = False\n"),
+        )
+        file.write_text(text[:start] + INTERN_GUARDS[guard] + text[end:])
+    return path
+
+
+def outcome(model, pattern: str):
+    """What running the model gives: ("output", tensor) or ("raises", exception type)."""
+    try:
+        return "output", run(model, pattern)
+    except Exception as error:
+        return "raises", type(error)
+
+
+def remote_module(model):
+    return sys.modules[type(model).__module__]
+
+
+def guard_decisions(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "guards its flash_attn import" in r.getMessage()]
+
+
+def load_and_run(path: Path, dtype: torch.dtype):
+    """(model or None, ("output", tensor) | ("raises at load" | "raises", exception type))."""
+    try:
+        model = load(path, "try_asserts", **{DTYPE_KEY: dtype})
+    except Exception as error:
+        return None, ("raises at load", type(error))
+    return model, outcome(model, "try_asserts")
+
+
+@pytest.mark.parametrize("guard", INTERN_GUARDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_cuda_asserting_flash_path_is_not_served_on_cpu(
+    guard, dtype, flash_failure, tmp_path, monkeypatch, shim_records, caplog
+):
+    """InternViT on CPU: the import stays unserved, every layer takes its own attention: never worse.
+
+    Where the load works without the shim it gives exactly the same model and output with it. Where it
+    does not (``check_imports`` requires flash_attn under a ``find_spec`` guard, or under
+    ``is_flash_attn_2_available()`` before 4.45), the shim's load works and runs the model's fallback;
+    except where flash_attn's own import fails it (find_spec finds a broken install): then as without.
+    """
+    mode, _ = flash_failure
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a CUDA machine
+    with_shim, got = load_and_run(build_intern(tmp_path, guard), dtype)
+    sdpa_shim.deactivate()
+    forget_flash_attn()
+    without, expected = load_and_run(build_intern(tmp_path, guard), dtype)
+
+    # An importable flash_attn (no_cuda), or a broken one that find_spec finds, is imported as without the shim.
+    fallback = mode == "missing" or (mode == "broken" and guard != "find_spec")
+    if without is not None or not fallback:
+        assert got[0] == expected[0]
+        if got[0] == "output":
+            torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)  # the very same computation
+        else:
+            assert got[1] is expected[1]
+    if with_shim is not None and without is not None:
+        assert attention_classes(with_shim) == attention_classes(without)
+        assert remote_module(with_shim).has_flash_attn is remote_module(without).has_flash_attn
+    if fallback:
+        assert got[0] == "output" and attention_classes(with_shim) == {"InternAttention"}
+        assert remote_module(with_shim).has_flash_attn is False
+        assert not served_warnings(shim_records)
+        [decision] = guard_decisions(caplog)
+        assert "not served: the module checks CUDA/half precision (line " in decision
+        assert f"this load: cpu, {str(dtype).removeprefix('torch.')}: its own fallback runs" in decision
+
+
+@pytest.mark.parametrize("guard", INTERN_GUARDS)
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.bfloat16, torch.float16, torch.float32, None],
+    ids=["bfloat16", "float16", "float32", "default"],
+)
+def test_cuda_asserting_flash_path_is_served_for_cuda_half_precision(
+    guard, dtype, tmp_path, monkeypatch, shim_records, caplog
+):
+    """The serving decision on a CUDA machine: served exactly when the model is built in float16/bfloat16.
+
+    Faked: only ``torch.cuda.is_available()`` (True). The decision is made while the remote module runs
+    at load, before any tensor exists, so no kernel is launched; the forward is not run (its
+    ``assert qkv.is_cuda`` would fail on these CPU tensors). "default": no dtype argument, config.json says
+    bfloat16: 5.x builds in bfloat16 (its default is the config's dtype), 4.x in float32; the shim must
+    read it the way transformers does.
+    """
+    forget_flash_attn()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    kwargs = {} if dtype is None else {DTYPE_KEY: dtype}
+    model = load(build_intern(tmp_path, guard, torch_dtype="bfloat16"), "try_asserts", **kwargs)
+
+    built = next(model.parameters()).dtype
+    served = built in HALF
+    assert (dtype is None and built == (torch.bfloat16 if TRANSFORMERS.major >= 5 else torch.float32)) or (
+        built == dtype
+    )
+    assert remote_module(model).has_flash_attn is served
+    assert attention_classes(model) == (
+        {"InternAttention", "FlashAttention"} if served else {"InternAttention"}
+    )
+    [decision] = guard_decisions(caplog)
+    assert f"this load: cuda, {str(built).removeprefix('torch.')}" in decision
+    assert ("served: " if served else "not served: ") in decision
+    if served:
+        module = remote_module(model)
+        assert module.flash_attn_varlen_qkvpacked_func is sdpa_shim.standin.flash_attn_varlen_qkvpacked_func
+        [warning] = served_warnings(shim_records)
+        assert warning.startswith("sdpa_shim: RemoteTinyModel imports flash_attn (modeling_try_asserts); ")
+    else:
+        assert not served_warnings(shim_records)
+    assert "flash_attn" not in sys.modules
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
+def test_cuda_asserting_flash_path_runs_on_the_stand_in_on_cuda(dtype, tmp_path):
+    """On a real CUDA device in half precision the InternViT flash path runs, served, and matches eager."""
+    forget_flash_attn()
+    path = build_intern(tmp_path)
+    flash = load(path, "try_asserts", **{DTYPE_KEY: dtype}).cuda()
+    assert attention_classes(flash) == {"InternAttention", "FlashAttention"}
+    sdpa_shim.deactivate()
+    eager = load(build_intern(tmp_path), "try_asserts", **{DTYPE_KEY: dtype}).cuda()
+    assert attention_classes(eager) == {"InternAttention"}
+    eager.load_state_dict(flash.state_dict())
+    feed = {name: value.cuda() for name, value in inputs("try_asserts").items()}
+    with torch.no_grad():
+        got, expected = flash(**feed), eager(**feed)
+    mask = feed["attention_mask"][..., None]
+    torch.testing.assert_close(got * mask, expected * mask, rtol=2e-2, atol=2e-2)
+
+
+def test_guarded_dots_style_tower_is_served_on_cpu(flash_failure, tmp_path, shim_records, caplog):
+    """dots.ocr's later tower: its flash class runs on CPU/float32 through the stand-in; matches its fallback."""
+    _, reason = flash_failure
+    path = build("try_dots", tmp_path)
+    model = load(path, "try_dots")
+    served = run(model, "try_dots")
+    eager = load(path, "try_dots", "eager")
+    eager.load_state_dict(model.state_dict())
+
+    assert attention_classes(model) == {"VisionFlashAttention2"}
+    assert attention_classes(eager) == {"VisionAttention"}
+    torch.testing.assert_close(served, run(eager, "try_dots"), rtol=0, atol=1e-5)
+    [warning] = served_warnings(shim_records)
+    assert warning.startswith(WARNING_TEXT.format("try_dots") + reason)
+    assert any(
+        "modeling_try_dots guards its flash_attn import (try/except ImportError); served: no CUDA or "
+        "half-precision check in the module" in message
+        for message in guard_decisions(caplog)
+    )
+
+
+def test_guarded_dots_style_tower_without_the_shim_takes_its_fallback(tmp_path, capsys):
+    forget_flash_attn()
+    sdpa_shim.deactivate()
+    model = load(build("try_dots", tmp_path), "try_dots")
+    assert attention_classes(model) == {"VisionAttention"}
+    assert "fallback to eager implementation" in capsys.readouterr().out
+    run(model, "try_dots")
+
+
+def test_supports_sdpa_property_never_crashes_the_load(tmp_path, shim_records):
+    """Florence-2's ``_supports_sdpa`` property (raises on the half-built model): the load chooses eager."""
+    forget_flash_attn()
+    model = load(build("property_sdpa", tmp_path), "property_sdpa", attn_implementation="flash_attention_2")
+
+    assert model.config._attn_implementation == "eager"
+    assert attention_classes(model) == {"TinyAttention"}
+    [decision] = sdpa_shim.decisions()
+    assert (decision.requested, decision.chosen) == ("flash_attention_2", "eager")
+    assert "_supports_sdpa" in decision.reason
+    run(model, "property_sdpa")
+
+
+def test_warning_names_the_model_class_and_every_importing_module(tmp_path, shim_records):
+    """The config class resolves first (it lives in the modeling file) and a second module imports flash_attn."""
+    forget_flash_attn()
+    model = load(build("config_beside", tmp_path), "config_beside")
+    run(model, "config_beside")
+
+    [warning] = served_warnings(shim_records)
+    assert warning.startswith(
+        "sdpa_shim: RemoteTinyModel imports flash_attn (modeling_config_beside, vision_embedding_beside); "
+    )
+    assert "BesideConfig" not in " ".join(r.getMessage() for r in shim_records())
+    uses = _remote_code.standin_uses()
+    assert uses and {use.model for use in uses} == {"RemoteTinyModel"}
+    assert {name.rpartition(".")[2] for use in uses for name in use.importers} == {
+        "modeling_config_beside",
+        "vision_embedding_beside",
+    }
+
+
+SOURCE_CASES = {
+    "try_importerror": ("try:\n    from flash_attn import f\nexcept ImportError:\n    f = None\n", 2, True),
+    "try_bare": ("try:\n    import flash_attn\nexcept:\n    pass\n", 2, True),
+    "try_tuple": ("try:\n    import flash_attn\nexcept (AttributeError, Exception):\n    pass\n", 2, True),
+    "try_other": ("try:\n    import flash_attn\nexcept AttributeError:\n    pass\n", 2, False),
+    "try_else": ("try:\n    pass\nexcept ImportError:\n    pass\nelse:\n    import flash_attn\n", 6, False),
+    "if_available": ("if is_flash_attn_2_available():\n    from flash_attn import f\n", 2, True),
+    "if_find_spec": ("if importlib.util.find_spec('flash_attn'):\n    import flash_attn\n", 1, True),
+    "top_level": ("import torch\nfrom flash_attn import f\n", 2, False),
+}
+
+
+@pytest.mark.parametrize("case", SOURCE_CASES)
+def test_what_counts_as_a_guarded_import(case):
+    from sdpa_shim._integration import remote_window
+
+    text, line, guarded = SOURCE_CASES[case]
+    facts = remote_window._read_source(text)
+    assert any(first <= line <= last for first, last, _ in facts.guards) is guarded
+
+
+@pytest.mark.parametrize(
+    ("check", "flagged"),
+    [
+        ("assert qkv.is_cuda", True),
+        ("assert qkv.dtype in [torch.float16, torch.bfloat16]", True),
+        ("assert x.dtype == torch.half", True),
+        ("if not x.is_cuda:\n    raise RuntimeError('cuda only')", True),
+        ("if x.device.type != 'cuda':\n    raise ValueError", True),
+        ("assert torch.cuda.is_available()", True),
+        ("assert mask.dtype == torch.bool", False),
+        ("if x.dtype == torch.float16:\n    x = x.float()", False),  # converts, does not refuse
+    ],
+)
+def test_what_counts_as_a_cuda_or_half_precision_check(check, flagged):
+    from sdpa_shim._integration import remote_window
+
+    assert bool(remote_window._read_source(check).checks) is flagged

@@ -9,6 +9,9 @@ finder is asked the second time.
 from flash_attn import flash_attn_varlen_func  # noqa: F401  (Phi-3-V binds it beside the embedding's)
 from transformers import PretrainedConfig
 
+# tiny_common imports it; 4.36-4.4x copy only the relative imports of the file auto_map names (and the
+# AutoConfig here is this file), so it is named here too.
+from .configuration_remote_tiny import RemoteTinyConfig  # noqa: F401
 from .tiny_common import TinyAttention, TinyTextModel
 from .vision_embedding_beside import ImageEmbedding
 

@@ -16,7 +16,7 @@ from .configuration_remote_tiny import RemoteTinyConfig
 def segment_ids(cu_seqlens):
     """[0, 0, 0, 1, 1, ...]: which packed segment each token belongs to."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
 
 
 def eager_attention(q, k, v, causal=False, window=None, key_mask=None, allowed=None):
@@ -30,9 +30,9 @@ def eager_attention(q, k, v, causal=False, window=None, key_mask=None, allowed=N
     v = v.repeat_interleave(repeat, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
     length = q.shape[1]
-    i = torch.arange(length)[:, None]
-    j = torch.arange(length)[None, :]
-    mask = torch.ones(length, length, dtype=torch.bool)
+    i = torch.arange(length, device=q.device)[:, None]
+    j = torch.arange(length, device=q.device)[None, :]
+    mask = torch.ones(length, length, dtype=torch.bool, device=q.device)
     if causal:
         mask &= j <= i
     if window is not None:
