@@ -14,10 +14,11 @@ import sys
 
 import pytest
 
+from expect import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION
 from fakes import BROKEN_IMPORT_ERROR, forget_flash_attn, write_flash_attn_distribution
+from sdpa_shim.__main__ import main
 from sdpa_shim._surfaces import cli as _cli
 from sdpa_shim._surfaces import startup as _startup
-from sdpa_shim.__main__ import main
 from test_startup import (  # noqa: F401 - transformers_supported is named in a skip condition
     SRC,
     WARNING,
@@ -129,8 +130,8 @@ def test_doctor_fails_on_invalid_variables_and_names_them(capsys, monkeypatch):
     monkeypatch.setenv("SDPA_SHIM_FALLBACK", "fast")
     status, out = doctor(capsys)
     assert status == 1
-    assert "SDPA_SHIM_FALLBACK   'fast'   INVALID (accepted: sdpa/eager); treated as unset" in out
-    assert "PROBLEM: SDPA_SHIM_FALLBACK='fast' is not valid; accepted: sdpa/eager" in out
+    assert "SDPA_SHIM_FALLBACK   'fast'   INVALID (accepted: auto/sdpa/eager); treated as unset" in out
+    assert "PROBLEM: SDPA_SHIM_FALLBACK='fast' is not valid; accepted: auto/sdpa/eager" in out
 
 
 def test_doctor_reports_off_without_failing(capsys, monkeypatch):
@@ -250,7 +251,7 @@ print("child:", model.config._attn_implementation, flush=True)
 
 def _check_parent_and_child(result: subprocess.CompletedProcess[str]) -> None:
     assert result.returncode == 3, result.stderr
-    assert result.stdout.split() == ["parent:", "sdpa", "child:", "sdpa"]
+    assert result.stdout.split() == ["parent:", EXPECTED_IMPLEMENTATION, "child:", EXPECTED_IMPLEMENTATION]
     assert shim_warnings(result.stderr) == [WARNING, WARNING]  # one per process
 
 
@@ -317,8 +318,8 @@ def test_console_script_doctor_sees_startup_activation(tmp_path_factory):
 def test_demo_on_cpu(capsys):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
-    assert "Decision: flash_attention_2 -> sdpa (flash-attn is not installed)" in out
-    assert "Attention in use: sdpa" in out
+    assert f"Decision: flash_attention_2 -> {EXPECTED_CHOSEN} (flash-attn is not installed)" in out
+    assert f"Attention in use: {EXPECTED_IMPLEMENTATION}" in out
     assert "Forward: input (1, 8) -> logits (1, 8, 128) float32 on cpu, all finite" in out
     assert out.rstrip().endswith("Demo OK.")
 

@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 
+from expect import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION
 from fresh import run_python
 
 
@@ -44,11 +45,12 @@ LOAD_FLASH = """
 def test_import_order_does_not_matter(order):
     result = run_python(order + textwrap.dedent(LOAD_FLASH))
     assert result.returncode == 0, result.stderr
-    assert "chosen sdpa" in result.stdout
+    assert f"chosen {EXPECTED_IMPLEMENTATION}" in result.stdout
     assert "logits (1, 3, 128)" in result.stdout
     warnings = [line for line in result.stderr.splitlines() if line.startswith("sdpa_shim:")]
     assert warnings == [
-        "sdpa_shim: LlamaForCausalLM requested flash_attention_2; using sdpa instead: flash-attn is not installed"
+        f"sdpa_shim: LlamaForCausalLM requested flash_attention_2; using {EXPECTED_CHOSEN} instead: "
+        "flash-attn is not installed"
     ]
 
 
@@ -70,10 +72,11 @@ def test_bad_env_value_warns_once_and_uses_default():
         "import sdpa_shim\n" + textwrap.dedent(LOAD_FLASH), SDPA_SHIM_FALLBACK="fast", SDPA_SHIM="maybe"
     )
     assert result.returncode == 0, result.stderr
-    assert "chosen sdpa" in result.stdout
+    assert f"chosen {EXPECTED_IMPLEMENTATION}" in result.stdout
     lines = result.stderr.splitlines()
     assert (
-        lines.count("SDPA_SHIM_FALLBACK='fast' is not valid; accepted values: sdpa/eager; using sdpa") == 1
+        lines.count("SDPA_SHIM_FALLBACK='fast' is not valid; accepted values: auto/sdpa/eager; using auto")
+        == 1
     ), result.stderr
     assert (
         lines.count(

@@ -11,6 +11,7 @@ import re
 
 import pytest
 
+from expect import EXPECTED_IMPLEMENTATION
 from test_startup import (  # noqa: F401 - the last two are named in the skip condition below
     ROOT,
     WARNING,
@@ -51,7 +52,7 @@ def check_ranks(result) -> None:
         )
     )
     assert ranks == [
-        f"rank {rank}/2: attention=sdpa logits=(1, 8, 128) same_on_all_ranks=True sdpa_shim=active"
+        f"rank {rank}/2: attention={EXPECTED_IMPLEMENTATION} logits=(1, 8, 128) same_on_all_ranks=True sdpa_shim=active"
         for rank in (0, 1)
     ], output
     assert result.stderr.count(WARNING) == 2, output  # once per rank

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import sdpa_shim
+from expect import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION
 from sdpa_shim._surfaces import startup as _startup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,8 @@ SRC = ROOT / "src"
 PTH_LINE = (SRC / "sdpa_shim.pth").read_text().strip()
 SHIM_VARIABLES = ("SDPA_SHIM", "SDPA_SHIM_FALLBACK", "SDPA_SHIM_BACKEND", "SDPA_SHIM_STANDIN")
 WARNING = (
-    "sdpa_shim: LlamaForCausalLM requested flash_attention_2; using sdpa instead: flash-attn is not installed"
+    f"sdpa_shim: LlamaForCausalLM requested flash_attention_2; using {EXPECTED_CHOSEN} instead: "
+    "flash-attn is not installed"
 )
 
 #: Loads a flash_attention_2 model and never imports sdpa_shim; argv[1] is the model directory.
@@ -359,7 +361,7 @@ def test_flash_request_works_and_warns_with_sdpa_shim_1(install, tiny_model_dir)
     """)
     result = install.run(["-c", check, str(tiny_model_dir)], clean_env(SDPA_SHIM="1"))
     assert result.returncode == 0, result.stderr
-    assert "attention: sdpa" in result.stdout
+    assert f"attention: {EXPECTED_IMPLEMENTATION}" in result.stdout
     assert "shim loaded: True" in result.stdout
     assert "wrapped: True double wrapped: False" in result.stdout
     assert "activated at start: True" in result.stdout
