@@ -484,8 +484,8 @@ def test_cuda_asserting_flash_path_is_served_for_cuda_half_precision(
     Faked: only ``torch.cuda.is_available()`` (True). The decision is made while the remote module runs
     at load, before any tensor exists, so no kernel is launched; the forward is not run (its
     ``assert qkv.is_cuda`` would fail on these CPU tensors). "default": no dtype argument, config.json says
-    bfloat16: 5.x builds in bfloat16 (its default is the config's dtype), 4.x in float32; the shim must
-    read it the way transformers does.
+    bfloat16: ``from_config`` builds in bfloat16 from 4.49 on (its default is the config's dtype), in
+    float32 before; the shim must read it the way transformers does.
     """
     forget_flash_attn()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -494,9 +494,8 @@ def test_cuda_asserting_flash_path_is_served_for_cuda_half_precision(
 
     built = next(model.parameters()).dtype
     served = built in HALF
-    assert (dtype is None and built == (torch.bfloat16 if TRANSFORMERS.major >= 5 else torch.float32)) or (
-        built == dtype
-    )
+    # from_config builds in the config's dtype by default from 4.49 on (torch's default before).
+    assert built == (dtype or (torch.bfloat16 if Version("4.49") <= TRANSFORMERS else torch.float32))
     assert remote_module(model).has_flash_attn is served
     assert attention_classes(model) == (
         {"InternAttention", "FlashAttention"} if served else {"InternAttention"}

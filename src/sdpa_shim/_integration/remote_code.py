@@ -156,9 +156,9 @@ def _load_dtype() -> str | None:
     """The dtype transformers will build the model in, from the loading call in progress; None: unknown.
 
     ``dtype=``/``torch_dtype=`` of the nearest ``from_pretrained``/``from_config`` frame of transformers;
-    "auto", and no dtype at all on 5.x (whose default is the config's dtype), mean the config's
-    ``dtype``/``torch_dtype``. None (torch's default dtype applies) when there is no such call or it
-    does not say. Never raises.
+    "auto", and no dtype where the release defaults to the config's (``from_config`` from 4.49,
+    ``from_pretrained`` from 5.0), mean the config's ``dtype``/``torch_dtype``. None (torch's default dtype
+    applies) when there is no such call or it does not say. Never raises.
     """
     try:
         frame = sys._getframe(1)
@@ -166,7 +166,7 @@ def _load_dtype() -> str | None:
             while frame is not None:
                 name = str(frame.f_globals.get("__name__") or "")
                 if name.startswith("transformers.") and frame.f_code.co_name in _LOADERS:
-                    return _dtype_of_call(frame.f_locals)
+                    return _dtype_of_call(frame.f_code.co_name, frame.f_locals)
                 frame = frame.f_back
         finally:
             del frame
@@ -175,24 +175,34 @@ def _load_dtype() -> str | None:
     return None
 
 
-def _dtype_of_call(names: dict[str, Any]) -> str | None:
+#: The first release whose loader, given no dtype, builds in the config's dtype (``dtype="auto"``).
+_CONFIG_DTYPE_DEFAULT = {"from_pretrained": (5, 0), "from_config": (4, 49), "_from_config": (4, 49)}
+
+
+def _dtype_of_call(function: str, names: dict[str, Any]) -> str | None:
     requested: Any = None
     for source in (names.get("kwargs"), names.get("kwargs_orig")):
         if isinstance(source, dict):
             requested = source.get("dtype") or source.get("torch_dtype")
             if requested is not None:
                 break
-    if requested is None:
-        transformers = sys.modules.get("transformers")
-        major = str(getattr(transformers, "__version__", "0")).split(".")[0]
-        requested = "auto" if major.isdigit() and int(major) >= 5 else None
+    if requested is None and _release() >= _CONFIG_DTYPE_DEFAULT[function]:
+        requested = "auto"
     if requested == "auto":
-        config = names.get("config")
-        settings = getattr(config, "__dict__", {})
+        settings = getattr(names.get("config"), "__dict__", {})
         requested = settings.get("dtype") or settings.get("torch_dtype")
     if requested is None or requested == "auto":
         return None
     return str(requested).removeprefix("torch.")
+
+
+def _release() -> tuple[int, int]:
+    """(major, minor) of the transformers in use; (0, 0) when unknown."""
+    version = str(getattr(sys.modules.get("transformers"), "__version__", "0.0")).split(".")
+    try:
+        return int(version[0]), int(version[1])
+    except (IndexError, ValueError):
+        return 0, 0
 
 
 def _plan(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
