@@ -4,7 +4,7 @@
   metadata is complete; the wheel installs into a fresh venv (no system site-packages) and its start-up
   files work there.
 * The README's test command, run as a user runs it: a fresh venv, torch and nox installed into it, then
-  nox creating its session venv, which must see the venv's torch. Inside nox only one test runs
+  nox creating its session venv, which must get the venv's torch (hard-linked into it). Inside nox only one test runs
   (``test_nox_session_runs_on_the_venvs_torch``), so the whole path costs about a minute with a warm pip
   cache (torch comes from the local wheel).
 * A missing or wrong torch is named by nox in one line, with the command that fixes it.
@@ -247,8 +247,10 @@ def test_readme_test_command_in_a_fresh_venv(tmp_path, capsys):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     assert re.search(r"^1 passed in ", result.stdout, re.MULTILINE), output[-3000:]
-    (pth,) = (project / ".nox" / "newest").glob("lib/python3*/site-packages/zz_sdpa_shim_torch.pth")
-    assert pth.read_text().strip() == str(torch_site.resolve())
+    # torch (and its requirements) hard-linked into the session venv; nothing else of the venv leaks in
+    (session_site,) = (project / ".nox" / "newest").glob("lib/python3*/site-packages")
+    assert (session_site / "torch" / "__init__.py").samefile(torch_site / "torch" / "__init__.py")
+    assert not (session_site / "nox").exists()
 
 
 def test_nox_session_runs_on_the_venvs_torch():
@@ -261,7 +263,9 @@ def test_nox_session_runs_on_the_venvs_torch():
 
     import sdpa_shim
 
-    assert Path(torch.__file__).resolve().is_relative_to(Path(expected).resolve())
+    # the session's own hard links to the venv's torch
+    assert Path(torch.__file__).samefile(Path(expected, "torch", "__init__.py"))
+    assert Path(torch.__file__).resolve().is_relative_to(Path(sys.prefix).resolve())
     assert torch.__version__.split("+")[0] == TORCH
     assert transformers.__version__ == os.environ["SDPA_SHIM_MATRIX_RELEASE"]
     assert Path(sdpa_shim.__file__).resolve().is_relative_to(Path.cwd().resolve() / "src")
