@@ -1,12 +1,12 @@
-"""The SDPA attention function for models the shim downgraded (transformers 4.48+).
+"""The attention functions of models the shim took over, in transformers' registry (4.48+).
 
 From 4.48 transformers looks the attention function up per forward in ``ALL_ATTENTION_FUNCTIONS``
-by name. The shim keeps the name "sdpa" (so masks, generation and saved configs behave as with a
-plain "sdpa" load) and wraps that entry: calls from models the shim did *not* downgrade go straight
-to transformers' function; calls from downgraded models go through ``_backends.dispatch``, which may
-pick SDPA backends, and packed-sequence handling (``_runtime``). Downgraded models are recognised by the
-identity of their config object, so nothing is written into the config (and nothing can be saved by
-``save_pretrained``).
+by name. The shim wraps the "sdpa" and "flash_attention_2" entries: calls from models the shim did not
+take over go straight to transformers' function. Calls from models downgraded to sdpa get packed rows
+through the varlen engine and the SDPA backend policy (``_runtime``); calls from models kept on the
+flash path get the backend policy around transformers' own flash function. Models are recognised by
+the identity of their config object (``mark``), so nothing is written into the config (and nothing can
+be saved by ``save_pretrained``).
 """
 
 from __future__ import annotations
@@ -63,15 +63,16 @@ def is_downgraded(config: Any) -> bool:
 
 
 def install(modeling_utils: ModuleType) -> None:
-    """Wrap the registry's "sdpa" entry (idempotent). Releases before 4.48 have no registry."""
+    """Wrap the registry's "sdpa" and "flash_attention_2" entries (idempotent). None before 4.48."""
     mapping = _global_mapping(modeling_utils)
     if mapping is None:
         return
-    original = mapping.get("sdpa")
-    if original is None or getattr(original, "__sdpa_shim_original__", None) is not None:
-        return
-    mapping["sdpa"] = _wrap(original)
-    _wrapped.append((mapping, "sdpa", original))
+    for key, wrap in (("sdpa", _wrap), ("flash_attention_2", _wrap_flash)):
+        original = mapping.get(key)
+        if original is None or getattr(original, "__sdpa_shim_original__", None) is not None:
+            continue
+        mapping[key] = wrap(original)
+        _wrapped.append((mapping, key, original))
 
 
 def uninstall() -> None:
@@ -114,7 +115,26 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
             return _packed.attention(module, query, key, value, attention_mask, bounds, **kwargs)
         return _backends.dispatch(original, module, query, key, value, attention_mask, **kwargs)
 
-    sdpa_attention_forward.__sdpa_shim_original__ = original  # type: ignore[attr-defined]
-    sdpa_attention_forward.__wrapped__ = original  # type: ignore[attr-defined]
-    sdpa_attention_forward.__doc__ = original.__doc__
-    return sdpa_attention_forward
+    return _marked(sdpa_attention_forward, original)
+
+
+def _wrap_flash(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Models kept on the flash path: their dense calls end in SDPA (the stand-in's ``flash_attn_func``),
+    so they get the same backend policy as sdpa downgrades (no cuDNN plan per decode step)."""
+    from .._runtime import backends as _backends
+
+    def flash_attention_forward(
+        module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any
+    ):
+        if kind_of(getattr(module, "config", None)) != "flash":
+            return original(module, query, key, value, attention_mask, **kwargs)
+        return _backends.dispatch(original, module, query, key, value, attention_mask, **kwargs)
+
+    return _marked(flash_attention_forward, original)
+
+
+def _marked(wrapper: Callable[..., Any], original: Callable[..., Any]) -> Callable[..., Any]:
+    wrapper.__sdpa_shim_original__ = original  # type: ignore[attr-defined]
+    wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+    wrapper.__doc__ = original.__doc__
+    return wrapper
