@@ -190,3 +190,21 @@ def test_config_object_is_the_callers(tiny_llama):
     config = tiny_llama_config(attn_implementation="flash_attention_2")
     LlamaForCausalLM(config)
     assert config._attn_implementation == EXPECTED_IMPLEMENTATION
+
+
+def test_eager_downgrade_refuses_packed_rows_with_the_fix(tiny_llama, monkeypatch):
+    """Eager attention can mix the sequences of a packed row (transformers masks them apart only in some
+    cases): a model the shim downgraded to eager refuses such a batch, on every release."""
+    from sdpa_shim._runtime.packed import PackedSequenceError
+
+    monkeypatch.setenv("SDPA_SHIM_FALLBACK", "eager")
+    model = LlamaForCausalLM.from_pretrained(tiny_llama, attn_implementation="flash_attention_2")
+    assert model.config._attn_implementation == "eager"
+    ids = torch.tensor([[5, 9, 17, 33, 2, 70]])
+    with pytest.raises(PackedSequenceError, match=r"downgraded from flash attention to eager.*Pad the batch"):
+        model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]))
+    padded = torch.tensor([[0, 0, 5, 9], [1, 2, 3, 4]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    positions = torch.tensor([[1, 1, 0, 1], [0, 1, 2, 3]])
+    assert torch.isfinite(model(padded, attention_mask=mask, position_ids=positions).logits).all()
+    assert torch.isfinite(model(ids).logits).all()

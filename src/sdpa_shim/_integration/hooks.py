@@ -10,7 +10,6 @@ pipeline, config.json), ``from_config``/``_from_config``, ``Model(config)``, ``s
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from .resolve import choice_for
@@ -50,10 +49,9 @@ def hooks_for(model_class: type) -> dict[str, Rewrite]:
     if "_check_and_adjust_attn_implementation" in defined:
         return {name: rewrite for name, rewrite in MODERN_HOOKS.items() if name in defined}
     from .hooks_legacy import legacy_hooks_for  # bands A-B (4.36-4.53)
-    from .packed_guard import guard_old_release
+    from .packed_guard import guard_post_init
 
     hooks = legacy_hooks_for(model_class)
-    module = sys.modules.get(model_class.__module__)
-    if hooks and "post_init" in defined and getattr(module, "ALL_ATTENTION_FUNCTIONS", None) is None:
-        hooks["post_init"] = guard_old_release  # < 4.48: refuse packed rows on downgraded models
+    if hooks and "post_init" in defined:
+        hooks["post_init"] = guard_post_init  # refuse packed rows: eager downgrades, sdpa before 4.48
     return hooks

@@ -17,6 +17,7 @@ from .._core import probe as _probe
 from .._core.policy import FLASH_PATH, ModelFacts, decide, flash_implementation, served_name
 from .._core.settings import read_settings
 from .._state import MODELING_UTILS
+from . import packed_guard
 from . import registry as _attention
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,10 @@ def choice_for(
         _attention.mark(config, "flash")
         choice = Choice(served_name(requested, facts.registered), "eager")
     else:
-        _attention.mark(config, "sdpa" if decision.chosen.endswith("sdpa") else "eager")
+        kind = "sdpa" if decision.chosen.endswith("sdpa") else "eager"
+        _attention.mark(config, kind)
+        if kind == "eager" and not isinstance(model_or_class, type):  # 4.54+: the model being built
+            packed_guard.refuse_packed_rows(model_or_class)
         choice = Choice(decision.chosen, decision.chosen)
     try:
         _decisions.record(decision)  # last: a fault before it leaves no WARNING about a change never made
