@@ -64,16 +64,24 @@ def install(module: ModuleType | None = None) -> None:
             return
         setattr(module, FUNCTION, wrapper_type(current, _lazy_imports))
         _wrapped.append((module, current))
+        logging.getLogger(MODULE).addFilter(_quiet_no_op_cast)
     except Exception as error:
         _faults.report(f"wrapping {MODULE}.{FUNCTION}", error, "models keep the plain sdpa downgrade")
 
 
 def uninstall() -> None:
     """Put the original function back (identity-equal)."""
+    logging.getLogger(MODULE).removeFilter(_quiet_no_op_cast)
     while _wrapped:
         module, original = _wrapped.pop()
         if getattr(getattr(module, FUNCTION, None), "__wrapped__", None) is original:
             setattr(module, FUNCTION, original)
+
+
+def _quiet_no_op_cast(record: logging.LogRecord) -> bool:
+    """Drop transformers' "Casting fp32 inputs back to torch.float32 for flash-attn compatibility": on the
+    served path float32 stays float32 (the stand-in computes in it), so the line would only mislead."""
+    return not record.getMessage().startswith("Casting fp32 inputs back to torch.float32")
 
 
 def servable(cls: type) -> bool:
