@@ -23,9 +23,7 @@ import torch
 from _common import Skip, attempt, free, median_time, peak_memory, wall_time
 
 from sdpa_shim._integration import registry as _attention
-
 from sdpa_shim._runtime import backends as _backends
-
 from sdpa_shim._runtime import packed as _packed
 
 FULL = dict(
@@ -99,9 +97,9 @@ def build(variant: str, device: str, quick: bool) -> Any:
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, attn_implementation=request, dtype=dtype)
     model.eval()
-    downgraded = _attention.is_downgraded(model.config)
-    if downgraded != variant.startswith("shim"):
-        raise RuntimeError(f"{variant}: shim downgrade state is {downgraded}")
+    taken_over = _attention.kind_of(model.config) is not None
+    if taken_over != variant.startswith("shim"):
+        raise RuntimeError(f"{variant}: taken over by the shim is {taken_over}")
     return model
 
 
