@@ -31,11 +31,14 @@ Why it is built this way (2 cores, clean box, under 45 minutes):
   reported as skipped with that reason, and ``docs/versions.md`` (checked by tests/test_versions_table.py)
   shows it. An unexpected install failure fails the session; it is never skipped silently.
 
-Measured before 5.24 was added (2-core dev box, warm pip cache, fresh .nox; system-interpreter torch),
-seconds per session, venv + install + pytest:
-    4.36 164   4.40 100   4.44 102   4.46 182   4.48 154   4.51 138   4.53 138   4.54 175
-    4.55 154   4.56 168   4.57 168   5.0 159    5.4 149    5.12 140   5.23 243 (runs every file)
-    whole matrix: 2334 s (39 min). To be re-measured with .ci/run (fresh venv, 5.24 newest).
+Measured: the whole ``bash .ci/run`` (fresh clone, fresh venv, README command, 16 sessions, 5.24 newest)
+on the 2-core box, warm pip cache: 2549 s (42.5 min) wall (a ~6 min test run shared the CPU during
+the first two sessions). It failed one notebook test (the kernel's platformdirs; the torch set-up above
+fixes it, checked with the newest session in a fresh clone and venv). Per session, nox's
+rounded minutes (pytest seconds): 4.36 4 (180)  4.40 3 (120)  4.44 1 (60)  4.46 1 (65)  4.48 2 (76)
+4.51 2 (79)  4.53 2 (89)  4.54 2 (106)  4.55 2 (126)  4.56 3 (131)  4.57 2 (120)  5.0 3 (135)
+5.4 2 (108)  5.12 3 (129)  5.23 3 (165)  5.24 7 (372, runs every file incl. tests/test_install.py).
+A cold pip cache adds the downloads (not measured).
 """
 
 from __future__ import annotations
@@ -193,9 +196,18 @@ def _link_torch(purelib: Path) -> int:
     """Hard-link torch and its requirement closure from TORCH_SITE into the session's site-packages
     (a copy across file systems). Returns the number of files. pip treats them as installed in the
     session; replacing one there unlinks only the session's name, never the original."""
+    from packaging.utils import canonicalize_name
+
     assert TORCH_SITE is not None
+    # what the venv came with (pip, setuptools): left to pip, never overlaid file by file
+    present = {
+        canonicalize_name(dist.metadata["Name"] or "")
+        for dist in importlib.metadata.distributions(path=[str(purelib)])
+    }
     count = 0
     for dist in _torch_distributions():
+        if canonicalize_name(dist.metadata["Name"]) in present:
+            continue
         for entry in dist.files or ():
             relative = Path(entry)
             if ".." in relative.parts or relative.is_absolute():  # console scripts in bin/: not needed
