@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from expect import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION
 from test_startup import (  # noqa: F401 - the last two are named in the skip condition below
     ROOT,
     SRC,
@@ -85,7 +86,7 @@ def test_notebook_that_never_imports_the_shim_runs_with_sdpa_shim_1(tmp_path, tm
     outputs = execute("startup_no_import.ipynb", str(install.python), env, tmp_path)
     load = cell(outputs, 'attn_implementation="flash_attention_2"')
     assert WARNING in load["stderr"]
-    assert "attention in use: sdpa" in load["stdout"]
+    assert f"attention in use: {EXPECTED_IMPLEMENTATION}" in load["stdout"]
     assert "forward OK: (1, 8, 128) finite: True" in cell(outputs, "torch.no_grad")["stdout"]
     assert "sdpa_shim loaded at kernel start: True" in outputs[-1]["stdout"]
 
@@ -97,10 +98,10 @@ def test_notebook_with_load_ext(tmp_path):
     outputs = execute("load_ext.ipynb", sys.executable, env, tmp_path)
     load = cell(outputs, 'attn_implementation="flash_attention_2")\nprint')
     assert WARNING in load["stderr"]
-    assert "attention in use: sdpa" in load["stdout"]
+    assert f"attention in use: {EXPECTED_IMPLEMENTATION}" in load["stdout"]
     assert "forward OK: (1, 8, 128) finite: True" in cell(outputs, "torch.no_grad")["stdout"]
     assert (
-        "Decision(model='LlamaForCausalLM', requested='flash_attention_2', chosen='sdpa'"
+        f"Decision(model='LlamaForCausalLM', requested='flash_attention_2', chosen={EXPECTED_CHOSEN!r}"
         in cell(outputs, "sdpa_shim.decisions()")["stdout"]
     )
     unloaded = cell(outputs, "%unload_ext sdpa_shim")
