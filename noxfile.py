@@ -108,6 +108,10 @@ TEST_DEPENDENCIES = (
 #: For release-independent files, so installed in the newest session only: a real Jupyter kernel
 #: (tests/test_notebooks.py), and the publishing tools (tests/test_install.py: sdist + wheel, twine check).
 NEWEST_DEPENDENCIES = ("nbclient", "nbformat", "ipykernel", "build", "twine")
+#: A real client of padding-free training (tests/test_trl.py), in every session whose release it supports:
+#: TRL 1.16 (the first that trains on a Triton-less CPU torch with 5.x) needs transformers 4.56.2+.
+TRL_DEPENDENCIES = ("trl==1.16.0", "datasets")
+TRL_FIRST_RELEASE = (4, 56)
 ROOT = Path(__file__).resolve().parent
 
 nox.options.sessions = ["tests"]
@@ -268,8 +272,14 @@ def _run_suite(session: nox.Session, minor: str) -> None:
     constraints = _constraints(session)
     _share_torch(session)
     newest_only = NEWEST_DEPENDENCIES if minor == NEWEST else ()
+    trl = TRL_DEPENDENCIES if tuple(int(part) for part in minor.split(".")) >= TRL_FIRST_RELEASE else ()
     session.install(
-        "--constraint", str(constraints), f"transformers=={release}", *TEST_DEPENDENCIES, *newest_only
+        "--constraint",
+        str(constraints),
+        f"transformers=={release}",
+        *TEST_DEPENDENCIES,
+        *newest_only,
+        *trl,
     )
     session.run(
         "python",
