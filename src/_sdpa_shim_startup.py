@@ -11,22 +11,37 @@ from __future__ import annotations
 import os
 import sys
 
-# sdpa_shim._settings.TRUE_VALUES / FALSE_VALUES, repeated to stay import-free
+# sdpa_shim._core.settings.TRUE_VALUES / FALSE_VALUES / BOOL_ACCEPTED / ENABLED_DEFAULT_TEXT, repeated to
+# stay import-free (tests/test_logging.py checks that both say the same)
 _TRUE_VALUES = ("1", "true", "on", "yes")
 _FALSE_VALUES = ("0", "false", "off", "no")
+_BOOL_ACCEPTED = "1/true/on/yes or 0/false/off/no (any case)"
+_ENABLED_DEFAULT_TEXT = "the default (as if unset)"
+
+#: (variable, raw value) already reported in this process. Python 3.11 reads a venv's ``.pth`` files twice
+#: (``lib`` and ``lib64``), and ``import sdpa_shim`` notices the same value again: one message in all
+#: (``sdpa_shim._core.settings`` reads this set).
+reported: set[tuple[str, str]] = set()
+
+
+def bad_value_line(raw: str) -> str:
+    """The line for an invalid ``SDPA_SHIM``: ``sdpa_shim: `` + ``settings.bad_value_message(...)``."""
+    return (
+        f"sdpa_shim: SDPA_SHIM={raw!r} is not valid; accepted values: {_BOOL_ACCEPTED}; "
+        f"using {_ENABLED_DEFAULT_TEXT}\n"
+    )
 
 
 def main() -> None:
-    """Activate sdpa_shim when ``SDPA_SHIM`` is a true value; warn about a bad one. Never raises."""
+    """Activate sdpa_shim when ``SDPA_SHIM`` is a true value; warn once about a bad one. Never raises."""
     raw = os.environ.get("SDPA_SHIM", "")
     value = raw.strip().lower()
     if not value or value in _FALSE_VALUES:
         return
     if value not in _TRUE_VALUES:
-        sys.stderr.write(
-            f"sdpa_shim: SDPA_SHIM={raw!r} is not valid; accepted values: 1/true/on/yes or 0/false/off/no "
-            "(any case); using the default (as if unset): no start-up activation\n"
-        )
+        if ("SDPA_SHIM", raw) not in reported:
+            reported.add(("SDPA_SHIM", raw))
+            sys.stderr.write(bad_value_line(raw))
         return
     try:
         from sdpa_shim._surfaces.startup import activate

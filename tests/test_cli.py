@@ -73,7 +73,7 @@ def test_doctor_text_with_flash_attn_missing(capsys):
     status, out = doctor(capsys)
     assert status == 0
     assert "flash_attention_2  not usable: flash-attn is not installed" in out
-    assert "LlamaForCausalLM: flash_attention_2 -> sdpa (flash-attn is not installed)" in out
+    assert f"LlamaForCausalLM: flash_attention_2 -> {EXPECTED_CHOSEN} (flash-attn is not installed)" in out
     for section in ("Versions", "CUDA", "Flash attention", "SDPA backends", "Environment", "Shim"):
         assert f"\n{section}" in out
     assert "MATH cpu/float32" in out and "works" in out
@@ -89,7 +89,8 @@ def test_doctor_json_with_broken_flash_attn_quotes_the_reason(capsys, broken_fla
     fa2 = report["flash_attention"]["flash_attention_2"]
     assert fa2 == {"usable": False, "reason": BROKEN_REASON, "version": "2.7.4"}
     assert report["versions"]["flash-attn"] == "2.7.4"
-    assert report["request"]["becomes"] == "sdpa"
+    assert report["request"]["becomes"] == EXPECTED_CHOSEN
+    assert report["request"]["config_reads"] == EXPECTED_IMPLEMENTATION
     assert report["request"]["reason"] == BROKEN_REASON
     assert {"torch", "transformers", "wrapt", "python"} <= set(report["versions"])
     assert any(r["backend"] == "MATH" and r["works"] for r in report["sdpa_backends"]["results"])
@@ -107,7 +108,7 @@ def test_doctor_text_with_broken_flash_attn_quotes_the_reason(capsys, broken_fla
     status, out = doctor(capsys)
     assert status == 0
     assert f"flash_attention_2  not usable: {BROKEN_REASON}\n" in out
-    assert f"flash_attention_2 -> sdpa ({BROKEN_REASON})" in out
+    assert f"flash_attention_2 -> {EXPECTED_CHOSEN} ({BROKEN_REASON})" in out
 
 
 def test_doctor_fails_when_sdpa_shim_1_has_no_startup_file(capsys, monkeypatch, no_startup_file):
@@ -131,7 +132,11 @@ def test_doctor_fails_on_invalid_variables_and_names_them(capsys, monkeypatch):
     status, out = doctor(capsys)
     assert status == 1
     assert "SDPA_SHIM_FALLBACK   'fast'   INVALID (accepted: auto/sdpa/eager); treated as unset" in out
-    assert "PROBLEM: SDPA_SHIM_FALLBACK='fast' is not valid; accepted: auto/sdpa/eager" in out
+    # the same words as the WARNING that `import sdpa_shim` logs for this value
+    assert (
+        "PROBLEM: SDPA_SHIM_FALLBACK='fast' is not valid; accepted values: auto/sdpa/eager; using auto\n"
+        in out
+    )
 
 
 def test_doctor_reports_off_without_failing(capsys, monkeypatch):
@@ -198,6 +203,92 @@ def test_version(capsys):
     assert capsys.readouterr().out.startswith("sdpa_shim ")
 
 
+def _doctor_with_transformers(monkeypatch, capsys, version: str) -> tuple[int, str]:
+    from sdpa_shim._surfaces import doctor as _doctor
+
+    real = _doctor._versions
+    monkeypatch.setattr(_doctor, "_versions", lambda: {**real(), "transformers": version})
+    return doctor(capsys)
+
+
+def test_doctor_names_the_tested_range_and_warns_on_an_untested_release(capsys, monkeypatch):
+    status, out = _doctor_with_transformers(monkeypatch, capsys, "5.99.0")
+    assert status == 0, out
+    assert "transformers       5.99.0  (tested: 4.36 ... 5.24; this one: untested)" in out
+    assert "note: transformers 5.99.0 is untested; newest tested is 5.24\n" in out
+    assert "PROBLEM" not in out
+
+
+def test_doctor_fails_on_a_release_older_than_the_oldest_supported(capsys, monkeypatch):
+    status, out = _doctor_with_transformers(monkeypatch, capsys, "4.35.2")
+    assert status == 1
+    assert "PROBLEM: transformers 4.35.2 is not supported: the oldest supported release is 4.36" in out
+
+
+def test_doctor_range_is_the_nox_matrix():
+    """OLDEST_SUPPORTED / NEWEST_TESTED are the first and last releases of noxfile.py's RELEASES."""
+    from sdpa_shim._surfaces import doctor as _doctor
+
+    noxfile = (SRC.parent / "noxfile.py").read_text()
+    body = noxfile[noxfile.index("RELEASES: dict[str, str] = {") :].split("}", 1)[0]
+    minors = [tuple(int(p) for p in key.split(".")) for key in re.findall(r'"(\d+\.\d+)":', body)]
+    assert minors, "RELEASES not found in noxfile.py"
+    assert (min(minors), max(minors)) == (_doctor.OLDEST_SUPPORTED, _doctor.NEWEST_TESTED)
+
+
+def test_doctor_shows_cuda_only_backends_as_not_applicable_on_cpu(capsys):
+    import torch
+
+    report = json.loads(doctor(capsys, "--json")[1])
+    cpu = {r["backend"]: r for r in report["sdpa_backends"]["results"] if r["device"] == "cpu"}
+    assert cpu["MATH"]["works"] is True and cpu["MATH"]["applicable"] is True
+    for backend in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+        if backend in cpu:
+            assert cpu[backend]["applicable"] is False and cpu[backend]["note"] == "n/a (CUDA only)"
+    if not torch.cuda.is_available():
+        assert "fails" not in doctor(capsys)[1].split("SDPA backends")[1].split("\n\n")[0]
+
+
+@needs_downgrade
+def test_doctor_request_is_what_a_real_load_gives_for_each_fallback(capsys, monkeypatch, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from models import save_tiny_llama
+
+    report = json.loads(doctor(capsys, "--json")[1])["request"]
+    assert report["fallback"] == "auto"
+    assert (report["becomes"], report["config_reads"]) == (EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION)
+    assert report["facts"] == "read from transformers' LlamaForCausalLM class"
+    assert {mode: outcome["becomes"] for mode, outcome in report["by_fallback"].items()} == {
+        "auto": EXPECTED_CHOSEN,
+        "sdpa": "sdpa",
+        "eager": "eager",
+    }
+    model = LlamaForCausalLM.from_pretrained(
+        save_tiny_llama(tmp_path / "m"), attn_implementation="flash_attention_2"
+    )
+    assert model.config._attn_implementation == report["config_reads"]  # the truth, not a guess
+    monkeypatch.setenv("SDPA_SHIM_FALLBACK", "eager")
+    status, out = doctor(capsys)
+    assert status == 0
+    assert (
+        "LlamaForCausalLM: flash_attention_2 -> eager (flash-attn is not installed; SDPA_SHIM_FALLBACK=eager)"
+        in out
+    )
+    assert "  * eager  -> eager\n" in out and "    sdpa   -> sdpa\n" in out
+    assert "SDPA_SHIM_FALLBACK   'eager'  eager: always eager attention" in out
+
+
+def test_doctor_shows_where_run_writes_its_files(capsys, monkeypatch, tmp_path, no_startup_file):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    report = json.loads(doctor(capsys, "--json")[1])
+    where = report["startup"]["run_files"]
+    assert where == {"sitecustomize_directory": str(_startup.sitecustomize_directory()), "written": True}
+    assert where["sitecustomize_directory"].startswith(str(tmp_path / "sdpa_shim" / "sitecustomize-"))
+    out = doctor(capsys)[1]
+    assert f"sdpa-shim run      writes sitecustomize.py in {where['sitecustomize_directory']}\n" in out
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -231,6 +322,29 @@ def test_run_passes_the_exit_status_and_activates_without_torch(tmp_path):
     )
     assert result.returncode == 7, result.stderr
     assert result.stdout.split() == ["1", "True"]
+
+
+def test_run_leaves_the_shim_off_when_sdpa_shim_is_0(tmp_path, monkeypatch, no_startup_file):
+    """``SDPA_SHIM=0`` wins over ``run``: the command runs without the shim, and one line says so."""
+    monkeypatch.setenv("SDPA_SHIM", "0")
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    env = _cli.command_environment()
+    assert (env["SDPA_SHIM"], env["PYTHONPATH"]) == ("0", "/somewhere")
+    code = "import os, sys; import sdpa_shim; print(os.environ['SDPA_SHIM'], sdpa_shim.is_active())"
+    result = subprocess.run(
+        [sys.executable, "-m", "sdpa_shim", "run", "--", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=source_env(XDG_CACHE_HOME=str(tmp_path), SDPA_SHIM="0"),
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "False"]
+    assert (
+        result.stderr
+        == f"sdpa-shim run: SDPA_SHIM=0 keeps the shim off; running {sys.executable} without it\n"
+    )
+    assert not list(tmp_path.iterdir())  # no sitecustomize written either
 
 
 PARENT_SCRIPT = """

@@ -75,12 +75,14 @@ def test_bad_env_value_warns_once_and_uses_default():
     assert f"chosen {EXPECTED_IMPLEMENTATION}" in result.stdout
     lines = result.stderr.splitlines()
     assert (
-        lines.count("SDPA_SHIM_FALLBACK='fast' is not valid; accepted values: auto/sdpa/eager; using auto")
+        lines.count(
+            "sdpa_shim: SDPA_SHIM_FALLBACK='fast' is not valid; accepted values: auto/sdpa/eager; using auto"
+        )
         == 1
     ), result.stderr
     assert (
         lines.count(
-            "SDPA_SHIM='maybe' is not valid; accepted values: 1/true/on/yes or 0/false/off/no (any case); using the default (as if unset)"
+            "sdpa_shim: SDPA_SHIM='maybe' is not valid; accepted values: 1/true/on/yes or 0/false/off/no (any case); using the default (as if unset)"
         )
         == 1
     ), result.stderr

@@ -242,7 +242,7 @@ def test_pth_line_acts_only_on_true_values(value, active):
     if value == "maybe":  # a bad value is named once, with what is accepted and what is used
         assert result.stderr == (
             "sdpa_shim: SDPA_SHIM='maybe' is not valid; accepted values: 1/true/on/yes or 0/false/off/no "
-            "(any case); using the default (as if unset): no start-up activation\n"
+            "(any case); using the default (as if unset)\n"
         )
     else:
         assert result.stderr == ""

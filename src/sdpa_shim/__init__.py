@@ -9,11 +9,11 @@ transformers is imported) wrapt.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from ._core.settings import install_name_once_if_logging_loaded
 from ._integration.patch import activate, deactivate, is_active
 from ._version import __version__
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: this import runs at every start
 if TYPE_CHECKING:
     from ._core.policy import Decision
 
@@ -21,7 +21,12 @@ __all__ = ["Decision", "__version__", "activate", "deactivate", "decisions", "is
 
 
 def decisions() -> list[Decision]:
-    """Every downgrade made so far in this process, oldest first (see ``Decision``)."""
+    """Every distinct downgrade made so far in this process, in the order first made (see ``Decision``).
+
+    Deduplicated like the WARNING: a decision made again (same model class, requested, chosen and
+    reason: a second load of the same model, the sub-models of every load) is listed once, so the
+    list stays bounded however many models the process builds.
+    """
     from ._core.decisions import decisions as recorded
 
     return recorded()
@@ -46,3 +51,4 @@ def unload_ipython_extension(ipython: object) -> None:
 
 
 activate()
+install_name_once_if_logging_loaded()  # "sdpa_shim" once per log line, also for records of older call sites

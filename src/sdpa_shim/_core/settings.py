@@ -1,19 +1,25 @@
-"""Environment variables: names, parsing and the one-warning-per-bad-value rule.
+"""Environment variables (names, parsing, one warning per bad value) and the shim's loggers.
 
 Values are read when they are needed (activation, each decision), never at module import, so a
 test or a notebook can change them at run time. Bad values never raise: they produce one WARNING
-naming the variable, the value, what is accepted and the default used.
+naming the variable, the value, what is accepted and the default used, in the same words wherever
+the value is noticed (the start-up file, ``import sdpa_shim``, ``sdpa-shim doctor``).
+
+This module is on the path of every ``import sdpa_shim`` (and of every Python start with
+``SDPA_SHIM=1``): it imports only ``os`` and ``_thread`` (both always loaded) at module level;
+``logging`` is imported when the first record is written (``get_logger``).
 """
 
 from __future__ import annotations
 
-import logging
+import _thread
 import os
-import threading
-from collections.abc import Mapping
-from typing import NamedTuple
+import sys
 
-logger = logging.getLogger(__name__)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (milliseconds at every start)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from logging import Logger, LogRecord
 
 #: ``SDPA_SHIM``: 1/true/on/yes activates at interpreter start (with the startup file installed);
 #: 0/false/off/no keeps the shim off even when imported. Unset: ``import sdpa_shim`` activates.
@@ -31,27 +37,75 @@ TRUE_VALUES = frozenset({"1", "true", "on", "yes"})
 FALSE_VALUES = frozenset({"0", "false", "off", "no"})
 FALLBACK_VALUES = ("auto", "sdpa", "eager")
 BACKEND_VALUES = ("auto", "default", "flash", "efficient", "cudnn", "math")
+#: How the boolean variables' accepted values are spelled in messages (``_sdpa_shim_startup`` repeats it).
+BOOL_ACCEPTED = "1/true/on/yes or 0/false/off/no (any case)"
+#: What an invalid ``SDPA_SHIM`` means (``_sdpa_shim_startup`` repeats it).
+ENABLED_DEFAULT_TEXT = "the default (as if unset)"
+
+#: The logger every user-facing record comes from, and the prefix a record gets where no handler shows it.
+LOGGER = "sdpa_shim"
+PREFIX = "sdpa_shim: "
+#: The top-level start-up module (outside the package); it records the bad values it already reported.
+STARTUP_MODULE = "_sdpa_shim_startup"
 
 _warned: set[tuple[str, str]] = set()
-_warned_lock = threading.Lock()
+_warned_lock = _thread.allocate_lock()
 
 
-class Settings(NamedTuple):
-    """The parsed environment, as one immutable value the pure policy can take."""
+class Settings(tuple):
+    """The parsed environment, as one immutable value the pure policy can take.
 
-    enabled: bool | None = None  # None: unset (import activates, startup does nothing)
-    fallback: str = "auto"
-    backend: str = "auto"
-    standin_everywhere: bool = False
+    ``enabled``: None when ``SDPA_SHIM`` is unset (import activates, start-up does nothing).
+    A tuple with named fields, like a ``NamedTuple``, without importing ``typing`` at start-up.
+    """
+
+    __slots__ = ()
+    _fields = ("enabled", "fallback", "backend", "standin_everywhere")
+
+    def __new__(
+        cls,
+        enabled: bool | None = None,
+        fallback: str = "auto",
+        backend: str = "auto",
+        standin_everywhere: bool = False,
+    ) -> Settings:
+        return tuple.__new__(cls, (enabled, fallback, backend, standin_everywhere))
+
+    enabled = property(lambda self: self[0], doc="True/False from SDPA_SHIM; None when unset")
+    fallback = property(lambda self: self[1], doc="SDPA_SHIM_FALLBACK: auto/sdpa/eager")
+    backend = property(lambda self: self[2], doc="SDPA_SHIM_BACKEND")
+    standin_everywhere = property(lambda self: self[3], doc="SDPA_SHIM_STANDIN")
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, self, strict=True))
+        return f"Settings({fields})"
+
+    def _replace(self, **changes: object) -> Settings:
+        values = dict(zip(self._fields, self, strict=True))
+        values.update(changes)
+        return Settings(**values)  # type: ignore[arg-type]
+
+
+def bad_value_message(name: str, raw: str, accepted: str, default: str) -> str:
+    """The one sentence for an invalid value, without the ``sdpa_shim:`` prefix (loggers add it)."""
+    return f"{name}={raw!r} is not valid; accepted values: {accepted}; using {default}"
+
+
+def _already_reported_at_startup(name: str, raw: str) -> bool:
+    """True when the start-up file printed this bad value in this process already (same words)."""
+    startup = sys.modules.get(STARTUP_MODULE)
+    return (name, raw) in getattr(startup, "reported", ())
 
 
 def _warn_bad_value(name: str, raw: str, accepted: str, default: str) -> None:
-    """Warn once per (variable, value) so a bad value set for a whole job does not flood its logs."""
+    """Warn once per (variable, value) and process, so a bad value set for a whole job does not flood logs."""
     with _warned_lock:
         if (name, raw) in _warned:
             return
         _warned.add((name, raw))
-    logger.warning("%s=%r is not valid; accepted values: %s; using %s", name, raw, accepted, default)
+    if _already_reported_at_startup(name, raw):
+        return
+    get_logger(LOGGER).warning("%s", bad_value_message(name, raw, accepted, default))
 
 
 def parse_bool(name: str, raw: str | None, default: bool | None) -> bool | None:
@@ -63,8 +117,8 @@ def parse_bool(name: str, raw: str | None, default: bool | None) -> bool | None:
         return True
     if value in FALSE_VALUES:
         return False
-    shown = "the default (as if unset)" if default is None else ("on" if default else "off")
-    _warn_bad_value(name, raw, "1/true/on/yes or 0/false/off/no (any case)", shown)
+    shown = ENABLED_DEFAULT_TEXT if default is None else ("on" if default else "off")
+    _warn_bad_value(name, raw, BOOL_ACCEPTED, shown)
     return default
 
 
@@ -99,3 +153,80 @@ def reset_warnings() -> None:
     """Forget which bad values were warned about (tests)."""
     with _warned_lock:
         _warned.clear()
+
+
+# --- logging: the ``sdpa_shim`` name exactly once per line -------------------------------------------
+
+
+class _NameOnce:
+    """Logger filter: a record shows ``sdpa_shim`` once, whatever handlers are configured.
+
+    Messages are written without the prefix. Where the record reaches no handler that prints the
+    logger's name (Python's last-resort handler in a bare script or notebook, or a format without
+    ``%(name)s``/``{name}``/``$name``), ``sdpa_shim: `` is put in front of the message; where every
+    handler prints the name, it is not. A message that still carries the prefix (older call sites)
+    is normalised the same way. A logging filter, so it imports nothing and costs nothing until a
+    record is written.
+    """
+
+    def filter(self, record: LogRecord) -> bool:
+        if getattr(record, "_sdpa_shim_prefixed", None) is not None:
+            return True  # already decided (a record handled twice)
+        message = record.msg
+        if isinstance(message, str):
+            if message.startswith(PREFIX):
+                message = message[len(PREFIX) :]
+            prefixed = not _name_shown(record)
+            record.msg = PREFIX + message if prefixed else message
+            record._sdpa_shim_prefixed = prefixed
+        return True
+
+
+_NAME_ONCE = _NameOnce()
+
+
+def _name_shown(record: LogRecord) -> bool:
+    """True when every handler that will print ``record`` prints the logger's name too."""
+    import logging
+
+    found = False
+    logger: Logger | None = logging.getLogger(record.name)
+    while logger is not None:
+        for handler in logger.handlers:
+            found = True  # like Logger.callHandlers: any handler, whatever its level, rules out lastResort
+            if isinstance(handler, logging.NullHandler) or record.levelno < handler.level:
+                continue
+            if not _formatter_shows_name(handler.formatter):
+                return False
+        if not logger.propagate:
+            break
+        logger = logger.parent
+    return found  # no handler at all: Python's last-resort handler prints the bare message
+
+
+def _formatter_shows_name(formatter: object) -> bool:
+    if formatter is None:
+        return False  # logging's default formatter: "%(message)s"
+    style = getattr(formatter, "_style", None)
+    text = getattr(style, "_fmt", None) or getattr(formatter, "_fmt", None) or ""
+    return "%(name)" in text or "{name" in text or "$name" in text or "${name}" in text
+
+
+def get_logger(name: str = LOGGER) -> Logger:
+    """The logger ``name`` (``sdpa_shim`` or a child) with the name-once filter; imports ``logging`` now.
+
+    Use it (instead of ``logging.getLogger`` at module level) for every record a user may see, and
+    write messages without the ``sdpa_shim:`` prefix.
+    """
+    import logging
+
+    logger = logging.getLogger(name)
+    if _NAME_ONCE not in logger.filters:
+        logger.addFilter(_NAME_ONCE)
+    return logger
+
+
+def install_name_once_if_logging_loaded() -> None:
+    """Put the filter on the ``sdpa_shim`` logger now if ``logging`` is already imported (costs nothing)."""
+    if "logging" in sys.modules:
+        get_logger(LOGGER)

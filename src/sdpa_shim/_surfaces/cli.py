@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 
-from .._core.settings import ENV_ENABLED
+from .._core.settings import ENV_ENABLED, FALSE_VALUES
 from .._version import __version__
 
 _RUN_USAGE = "%(prog)s [-h] -- COMMAND [ARGS ...]"
@@ -101,6 +101,8 @@ def command_environment(environ: dict[str, str] | None = None) -> dict[str, str]
     from . import startup as _startup
 
     env = dict(os.environ if environ is None else environ)
+    if shim_switched_off(env):
+        return env  # SDPA_SHIM=0 wins: the command runs as it would without ``run``
     env[ENV_ENABLED] = "1"
     if not _startup.startup_installed():
         directory = str(_startup.sitecustomize_directory())
@@ -110,13 +112,27 @@ def command_environment(environ: dict[str, str] | None = None) -> dict[str, str]
     return env
 
 
+def shim_switched_off(environ: dict[str, str] | None = None) -> bool:
+    """True when ``SDPA_SHIM`` is 0/false/off/no: it wins over ``run``, as over ``import sdpa_shim``."""
+    env = os.environ if environ is None else environ
+    return env.get(ENV_ENABLED, "").strip().lower() in FALSE_VALUES
+
+
 def run(command: list[str]) -> int:
     """Run ``command`` with the shim active in it and its children; return its exit status.
+
+    ``SDPA_SHIM=0`` in the environment wins: the command then runs without the shim, and one line on
+    stderr says so.
 
     On POSIX the process replaces itself with the command (exec), so signals, the process id and the
     exit status are the command's own. Elsewhere the command runs as a child and its status is
     returned.
     """
+    if shim_switched_off():
+        print(
+            f"sdpa-shim run: {ENV_ENABLED}=0 keeps the shim off; running {command[0]} without it",
+            file=sys.stderr,
+        )
     env = command_environment()
     executable = shutil.which(command[0], path=env.get("PATH"))
     if executable is None:

@@ -20,6 +20,8 @@ from typing import Any
 from .._core.detect import PACKAGES, FlashStatus, flash_status
 from .._core.settings import (
     BACKEND_VALUES,
+    BOOL_ACCEPTED,
+    ENABLED_DEFAULT_TEXT,
     ENV_BACKEND,
     ENV_ENABLED,
     ENV_FALLBACK,
@@ -27,6 +29,7 @@ from .._core.settings import (
     FALLBACK_VALUES,
     FALSE_VALUES,
     TRUE_VALUES,
+    bad_value_message,
 )
 from .._version import __version__
 from . import startup as _startup
@@ -36,7 +39,18 @@ Report = dict[str, Any]
 #: The model class a "what would a request become" answer is given for: a typical decoder that
 #: supports both flash attention and SDPA.
 REPRESENTATIVE_MODEL = "LlamaForCausalLM"
-_BOOL_TEXT = "1/true/on/yes or 0/false/off/no"
+_BOOL_TEXT = BOOL_ACCEPTED
+#: The transformers releases the nox matrix tests (noxfile.py's RELEASES; docs/versions.md): the oldest
+#: supported one (older: no ``attn_implementation``, a PROBLEM) and the newest tested one (newer: a warning).
+OLDEST_SUPPORTED = (4, 36)
+NEWEST_TESTED = (5, 24)
+#: SDPA backends that exist only on CUDA devices (or, OVERRIDEABLE, only on out-of-tree accelerators):
+#: probing them on the CPU says nothing about this machine.
+_NOT_ON_CPU = {
+    "EFFICIENT_ATTENTION": "n/a (CUDA only)",
+    "CUDNN_ATTENTION": "n/a (CUDA only)",
+    "OVERRIDEABLE": "n/a (CUDA only; other accelerators' own kernels)",
+}
 
 
 def collect() -> Report:
@@ -53,6 +67,7 @@ def collect() -> Report:
         lambda: _request(report["environment"]), notes, "the flash_attention_2 request"
     )
     report["startup"] = _startup_section()
+    report["transformers_range"] = _transformers_range(report["versions"]["transformers"])
     problems, advice = _assess(report)
     report["problems"] = problems
     report["warnings"] = notes + advice
@@ -170,9 +185,30 @@ def _sdpa_backends() -> Report:
     results = []
     for device, dtype in _probe_targets(torch):
         for name in backends:
+            if device == "cpu" and name in _NOT_ON_CPU:
+                results.append(
+                    {
+                        "backend": name,
+                        "device": device,
+                        "dtype": dtype,
+                        "works": None,
+                        "error": "",
+                        "applicable": False,
+                        "note": _NOT_ON_CPU[name],
+                    }
+                )
+                continue
             error = _probe_backend(torch, sdpa_kernel, SDPBackend.__members__[name], device, dtype)
             results.append(
-                {"backend": name, "device": device, "dtype": dtype, "works": not error, "error": error}
+                {
+                    "backend": name,
+                    "device": device,
+                    "dtype": dtype,
+                    "works": not error,
+                    "error": error,
+                    "applicable": True,
+                    "note": "",
+                }
             )
     return {"note": "", "results": results}
 
@@ -225,10 +261,18 @@ def _enabled_meaning(value: str | None) -> str:
     return "unset: `import sdpa_shim` or `%load_ext sdpa_shim` activates; nothing at Python start"
 
 
+FALLBACK_MEANINGS = {
+    "auto": "transformers' flash path on PyTorch kernels where the release (4.56+) and the model class "
+    "allow, else sdpa, else eager",
+    "sdpa": "sdpa where the model and torch can run it, else eager",
+    "eager": "always eager attention",
+}
+
+
 def _fallback_meaning(value: str | None) -> str:
-    if value == "eager":
-        return "eager: downgraded models use eager attention"
-    return "sdpa (default): SDPA where the model and torch can run it, else eager"
+    if value in (None, "auto"):
+        return f"auto (default): {FALLBACK_MEANINGS['auto']}"
+    return f"{value}: {FALLBACK_MEANINGS[value]}"
 
 
 def _backend_meaning(value: str | None) -> str:
@@ -264,41 +308,115 @@ def _shim() -> Report:
 
 
 def _request(environment: list[Report]) -> Report:
-    """What ``attn_implementation="flash_attention_2"`` on a typical model becomes right now."""
+    """What ``attn_implementation="flash_attention_2"`` on a typical model becomes right now, under the
+    current ``SDPA_SHIM_FALLBACK`` and under each of its values, decided by the code a real load runs
+    (``_integration.resolve.model_facts`` on transformers' own ``LlamaForCausalLM`` where it imports)."""
     from .._core import probe as _probe
-    from .._core.policy import ModelFacts, decide
+    from .._core.policy import FLASH_PATH, decide, served_name
     from .._core.settings import read_settings
-    from .._integration.resolve import _registered_names, probe_target
+    from .._integration.resolve import probe_target
 
     if any(row["name"] == ENV_ENABLED and row["value"] in FALSE_VALUES for row in environment):
         return {
             "model": REPRESENTATIVE_MODEL,
             "requested": "flash_attention_2",
             "becomes": "flash_attention_2",
+            "config_reads": "flash_attention_2",
             "reason": "SDPA_SHIM is off: the request reaches transformers unchanged",
+            "by_fallback": {},
         }
-    facts = ModelFacts(name=REPRESENTATIVE_MODEL, supports_sdpa=True, registered=_registered_names())
+    facts, facts_note = _representative_facts()
     device, dtype = probe_target(facts)
     status = flash_status("flash_attention_2")
-    decision = decide(
-        "flash_attention_2", status, facts, read_settings(), lambda: _probe.sdpa_error(device, dtype)
-    )
-    if decision is None:
-        return {
-            "model": REPRESENTATIVE_MODEL,
-            "requested": "flash_attention_2",
-            "becomes": "flash_attention_2",
-            "reason": f"flash-attn {status.version} is usable here: the shim leaves the request alone",
-            "device": device,
-            "dtype": dtype,
+    settings = read_settings()
+    by_fallback: Report = {}
+    for mode in FALLBACK_VALUES:
+        decision = decide(
+            "flash_attention_2",
+            status,
+            facts,
+            settings._replace(fallback=mode),
+            lambda: _probe.sdpa_error(device, dtype),
+        )
+        if decision is None:
+            by_fallback[mode] = {"becomes": "flash_attention_2", "config_reads": "flash_attention_2"}
+            continue
+        config_reads = (
+            served_name(decision.requested, facts.registered)
+            if decision.chosen == FLASH_PATH
+            else decision.chosen
+        )
+        by_fallback[mode] = {
+            "becomes": decision.chosen,
+            "config_reads": config_reads,
+            "reason": decision.reason,
         }
+    current = by_fallback[settings.fallback]
+    if "reason" not in current:
+        reason = f"flash-attn {status.version} is usable here: the shim leaves the request alone"
+    else:
+        reason = current["reason"]
     return {
         "model": REPRESENTATIVE_MODEL,
-        "requested": decision.requested,
-        "becomes": decision.chosen,
-        "reason": decision.reason,
+        "requested": "flash_attention_2",
+        "becomes": current["becomes"],
+        "config_reads": current["config_reads"],
+        "reason": reason,
+        "fallback": settings.fallback,
+        "by_fallback": by_fallback,
+        "facts": facts_note,
         "device": device,
         "dtype": dtype,
+    }
+
+
+def _representative_facts() -> tuple[Any, str]:
+    """The facts a real load of ``LlamaForCausalLM`` gathers (flash paths included), and their source."""
+    from .._core.policy import ModelFacts
+    from .._integration.resolve import _registered_names, model_facts
+
+    try:
+        import transformers.modeling_utils  # noqa: F401 - the shim's hooks and registry entries install now
+        from transformers import LlamaForCausalLM
+    except Exception as exc:
+        facts = ModelFacts(name=REPRESENTATIVE_MODEL, supports_sdpa=True, registered=_registered_names())
+        return facts, f"transformers' {REPRESENTATIVE_MODEL} could not be imported ({_one_line(exc)})"
+    return model_facts(LlamaForCausalLM), f"read from transformers' {REPRESENTATIVE_MODEL} class"
+
+
+def _transformers_range(version: str | None) -> Report:
+    """Where the installed transformers sits against the releases this sdpa_shim is tested with."""
+    oldest = ".".join(map(str, OLDEST_SUPPORTED))
+    newest = ".".join(map(str, NEWEST_TESTED))
+    section: Report = {"oldest_supported": oldest, "newest_tested": newest, "status": "not installed"}
+    if version is None:
+        return section
+    release = _release(version)
+    if release is None:
+        section["status"] = "unknown"
+    elif release < OLDEST_SUPPORTED:
+        section["status"] = "unsupported"
+    elif release > NEWEST_TESTED:
+        section["status"] = "untested"
+    else:
+        section["status"] = "tested"
+    return section
+
+
+def _release(version: str) -> tuple[int, int] | None:
+    """(major, minor) of a version string such as ``5.24.0`` or ``5.25.0.dev0``; None when unreadable."""
+    parts = version.split(".")
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or "x")
+    except (IndexError, ValueError):
+        return None
+
+
+def _run_files() -> Report:
+    """Where ``sdpa-shim run`` writes its ``sitecustomize.py`` (only where no start-up file is installed)."""
+    return {
+        "sitecustomize_directory": _startup.sitecustomize_location(),
+        "written": not _startup.startup_installed(),
     }
 
 
@@ -311,6 +429,7 @@ def _startup_section() -> Report:
         "python_reads": reads,
         "site_directories": _startup.site_directories(),
         "no_site": bool(sys.flags.no_site),
+        "run_files": _run_files(),
     }
 
 
@@ -321,7 +440,7 @@ def _assess(report: Report) -> tuple[list[str], list[str]]:
     env = {row["name"]: row for row in report["environment"]}
     for row in report["environment"]:
         if not row["valid"]:
-            problems.append(f"{row['name']}={row['raw']!r} is not valid; accepted: {row['accepted']}")
+            problems.append(bad_value_message(row["name"], row["raw"], row["accepted"], _default_text(row)))
     shim = report["shim"]
     versions = report["versions"]
     if shim.get("wrapt_error"):
@@ -330,11 +449,27 @@ def _assess(report: Report) -> tuple[list[str], list[str]]:
         )
     elif versions["wrapt"] == "2.2.0":
         problems.append("wrapt 2.2.0 is excluded (known broken): pip install 'wrapt!=2.2.0'")
+    span = report["transformers_range"]
+    if span["status"] == "unsupported":
+        problems.append(
+            f"transformers {versions['transformers']} is not supported: the oldest supported release is "
+            f"{span['oldest_supported']} (no attn_implementation before); pip install 'transformers>="
+            f"{span['oldest_supported']}'"
+        )
+    elif span["status"] == "untested":
+        advice.append(
+            f"transformers {versions['transformers']} is untested; newest tested is {span['newest_tested']}"
+        )
     if versions["transformers"] is None:
         advice.append("transformers is not installed: there is nothing for the shim to patch")
     elif shim.get("transformers_error"):
         advice.append(f"transformers cannot be imported: {shim['transformers_error']}")
-    elif shim.get("active") and shim.get("transformers_imported") and not shim.get("patched"):
+    elif (
+        span["status"] != "unsupported"
+        and shim.get("active")
+        and shim.get("transformers_imported")
+        and not shim.get("patched")
+    ):
         problems.append(
             f"sdpa_shim found no attention hook in transformers {versions['transformers']}: "
             "requests pass unchanged"
@@ -356,6 +491,14 @@ def _assess(report: Report) -> tuple[list[str], list[str]]:
     return problems, advice
 
 
+def _default_text(row: Report) -> str:
+    if row["name"] == ENV_ENABLED:
+        return ENABLED_DEFAULT_TEXT
+    if row["name"] == ENV_STANDIN:
+        return "off"
+    return "auto"
+
+
 def render(report: Report) -> str:
     """The report as concise text for a terminal."""
     out: list[str] = []
@@ -364,8 +507,13 @@ def render(report: Report) -> str:
     versions = report["versions"]
     add("\nVersions")
     add(_row("python", f"{versions['python']}  {versions['python_executable']}"))
+    span = report["transformers_range"]
     for name in ("torch", "transformers", "wrapt", "flash-attn", "flash-attn-3"):
-        add(_row(name, versions[name] or "not installed"))
+        text = versions[name] or "not installed"
+        if name == "transformers" and versions[name]:
+            tested = f"{span['oldest_supported']} ... {span['newest_tested']}"
+            text += f"  (tested: {tested}; this one: {span['status']})"
+        add(_row(name, text))
     add("\nCUDA")
     cuda = report["cuda"]
     if cuda.get("error"):
@@ -397,13 +545,26 @@ def render(report: Report) -> str:
         add(f"  {backends.get('error') or backends.get('note')}")
     for result in backends.get("results", []):
         where = f"{result['backend']} {result['device']}/{result['dtype']}"
-        add(_row(where, "works" if result["works"] else f"fails: {result['error']}", width=36))
+        if result.get("applicable") is False:
+            text = result["note"]
+        else:
+            text = "works" if result["works"] else f"fails: {result['error']}"
+        add(_row(where, text, width=36))
     add("\nA flash_attention_2 request now")
     request = report["request"]
     if request.get("error"):
         add(f"  could not check: {request['error']}")
     else:
         add(f"  {request['model']}: {request['requested']} -> {request['becomes']} ({request['reason']})")
+        if request["becomes"] != request["config_reads"]:
+            add(f"  the model's config reads {request['config_reads']!r}")
+        if request.get("by_fallback"):
+            add(f"  with {ENV_FALLBACK}= (* now):")
+            for mode, outcome in request["by_fallback"].items():
+                mark = "*" if mode == request["fallback"] else " "
+                add(_row(f"{mark} {mode}", f"-> {outcome['becomes']}", width=8))
+        if request.get("facts"):
+            add(f"  model facts: {request['facts']}")
     add("\nEnvironment")
     for row in report["environment"]:
         shown = "unset" if row["raw"] is None else repr(row["raw"])
@@ -423,6 +584,10 @@ def render(report: Report) -> str:
     startup = report["startup"]
     files = ", ".join(startup["files"]) or "none found"
     add(_row("start-up file", f"{'installed' if startup['installed'] else 'not installed'} ({files})"))
+    run_files = startup.get("run_files", {})
+    if run_files:
+        when = "writes" if run_files["written"] else "would write (only where no start-up file is installed)"
+        add(_row("sdpa-shim run", f"{when} sitecustomize.py in {run_files['sitecustomize_directory']}"))
     out.append("")
     for warning in report["warnings"]:
         add(f"note: {warning}")

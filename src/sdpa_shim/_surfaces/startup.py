@@ -12,19 +12,16 @@ This module also answers "is start-up activation installed here?" for ``doctor``
 
 from __future__ import annotations
 
-import logging
 import os
 import site
 import sys
-from typing import TYPE_CHECKING
 
-from .._core.settings import ENV_ENABLED, TRUE_VALUES
+from .._core.settings import ENV_ENABLED, TRUE_VALUES, get_logger
 
-if TYPE_CHECKING:  # this module is on the start-up path: only os, site and sys (already loaded) at run time
+TYPE_CHECKING = False  # on the start-up path: only os, site and sys (already loaded) at run time
+if TYPE_CHECKING:
     from collections.abc import Mapping
     from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 PTH_NAME = "sdpa_shim.pth"
 START_NAME = "sdpa_shim.start"
@@ -57,9 +54,7 @@ def activate() -> bool:
         _activated_at_startup = _activated_at_startup or active
         return active
     except Exception as exc:  # start-up must go on whatever happens here
-        logger.warning(
-            "sdpa_shim: start-up activation failed (%s: %s); the shim is off", type(exc).__name__, exc
-        )
+        get_logger().warning("start-up activation failed (%s: %s); the shim is off", type(exc).__name__, exc)
         return False
 
 
@@ -157,6 +152,18 @@ def sitecustomize_source() -> str:
     return _SITECUSTOMIZE.format(package_parent=package_parent)
 
 
+def sitecustomize_location(source: str | None = None) -> str:
+    """Where ``run`` writes its ``sitecustomize.py`` (nothing is written here): the per-user cache,
+    ``$XDG_CACHE_HOME/sdpa_shim/sitecustomize-<hash>/`` (default ``~/.cache/...``); the hash names the
+    file's content, so each sdpa_shim version and checkout gets its own directory."""
+    import hashlib
+
+    text = sitecustomize_source() if source is None else source
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    cache_root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache_root, "sdpa_shim", f"sitecustomize-{digest}")
+
+
 def sitecustomize_directory() -> Path:
     """A directory holding our ``sitecustomize.py``, to prepend to ``PYTHONPATH``.
 
@@ -164,14 +171,11 @@ def sitecustomize_directory() -> Path:
     per-user, content-addressed cache entry, reused by later runs; a fresh private temp directory
     is the fallback when the cache cannot be written.
     """
-    import hashlib
     import tempfile
     from pathlib import Path
 
     source = sitecustomize_source()
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    cache_root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    directory = Path(cache_root, "sdpa_shim", f"sitecustomize-{digest}")
+    directory = Path(sitecustomize_location(source))
     try:
         target = directory / "sitecustomize.py"
         if not (target.is_file() and target.read_text() == source):
@@ -181,7 +185,7 @@ def sitecustomize_directory() -> Path:
             os.replace(partial, target)
         return directory
     except OSError:
-        logger.debug("cannot write %s; using a temporary directory", directory, exc_info=True)
+        get_logger(__name__).debug("cannot write %s; using a temporary directory", directory, exc_info=True)
     fallback = Path(tempfile.mkdtemp(prefix="sdpa_shim-run-"))
     (fallback / "sitecustomize.py").write_text(source)
     return fallback
