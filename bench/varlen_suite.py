@@ -608,6 +608,7 @@ def run_packed(ctx: Suite) -> None:
         return
     ok, note = register_reference()
     sec["notes"].append(note)
+    REFERENCE.backends.clear()
     config = LlamaConfig(**(LLAMA_SMOKE if ctx.smoke else LLAMA_FULL), use_cache=False)
     variants = ["plain_sdpa", "shim", "shim_sdpa_downgrade", "varlen_reference"]
     if not ok:
@@ -803,6 +804,7 @@ def run_packed(ctx: Suite) -> None:
         )
         ctx.progress(f"packed {label}: {summary} ({time.monotonic() - t_case:.0f} s)")
         ctx.save()
+    sec["notes"].append(f"varlen_reference ran on: {', '.join(sorted(REFERENCE.backends)) or 'nothing'}")
     models.clear()
     source = None
     free(device)
@@ -823,6 +825,7 @@ def run_vision(ctx: Suite) -> None:
         return
     ok, note = register_reference()
     sec["notes"].append(note)
+    REFERENCE.backends.clear()
     try:
         from transformers.utils.generic import is_flash_attention_requested
 
@@ -1009,6 +1012,7 @@ def run_vision(ctx: Suite) -> None:
         )
         ctx.progress(f"vision {label} ({tokens} patches): {summary} ({time.monotonic() - t_case:.0f} s)")
         ctx.save()
+    sec["notes"].append(f"varlen_reference ran on: {', '.join(sorted(REFERENCE.backends)) or 'nothing'}")
     models.clear()
     source = None
     free(device)
