@@ -8,6 +8,8 @@ CUDA graphs (on by default for flash models in 5.0-5.5) are switched off: they n
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import transformers
@@ -80,3 +82,31 @@ def test_generate_batch_equals_each_request_alone(tmp_path, monkeypatch, fallbac
     assert model.config._attn_implementation == (EXPECTED_IMPLEMENTATION if fallback == "auto" else "sdpa")
     got = run_batch(model, max_batch_tokens)
     assert got == alone(reference(directory))
+
+
+def test_cuda_graphs_default_off_for_served_models(tmp_path):
+    """Where CUDA exists, transformers turns CUDA graphs on by default for flash models; the stand-in
+    reads lengths on the host, which capture forbids, so a served model's default becomes off. Checked on
+    the arguments the shim hands to transformers (no CUDA here); an explicit choice is kept."""
+    from sdpa_shim._integration.flash_paths import _without_cuda_graphs
+
+    model = AutoModelForCausalLM.from_pretrained(
+        save_tiny_llama(tmp_path / "m"), attn_implementation="flash_attention_2"
+    )
+    init = model.init_continuous_batching
+    init = getattr(init, "__wrapped__", init)  # the bound method itself, as the shim's wrapper gets it
+
+    def use_cuda_graph(args, kwargs):
+        """use_cuda_graph of the config that decides it: the ContinuousBatchingConfig where the release
+        has one, else the GenerationConfig."""
+        given = [*args, *kwargs.values()]
+        cb = [c for c in given if type(c).__name__ == "ContinuousBatchingConfig"]
+        return (cb or [c for c in given if isinstance(c, GenerationConfig)])[0].use_cuda_graph
+
+    assert use_cuda_graph(*_without_cuda_graphs(init, model, (), {})) is False
+    if "continuous_batching_config" in inspect.signature(init).parameters:
+        config_class = transformers.generation.configuration_utils.ContinuousBatchingConfig
+        explicit = {"continuous_batching_config": config_class(use_cuda_graph=True)}
+    else:
+        explicit = {"generation_config": GenerationConfig(max_new_tokens=2, use_cuda_graph=True)}
+    assert use_cuda_graph(*_without_cuda_graphs(init, model, (), explicit)) is True

@@ -48,7 +48,8 @@ FIRST_RELEASE = (4, 56)
 #: under an availability check; if the module uses one it lacks, its flash path cannot be served.
 _IMPORT_TIME_FLASH_NAMES = ("_flash_attention_forward", "flash_attn_func", "flash_attn_varlen_func")
 
-_wrapped: list[tuple[ModuleType, Any]] = []
+_wrapped: list[tuple[ModuleType | type, Any]] = []
+CONTINUOUS_API = "transformers.generation.continuous_batching.continuous_api"
 _loaded_ok = False  # transformers holds its flash kernels (the stand-in's, or flash-attn's own)
 
 
@@ -65,6 +66,7 @@ def install(module: ModuleType | None = None) -> None:
         setattr(module, FUNCTION, wrapper_type(current, _lazy_imports))
         _wrapped.append((module, current))
         logging.getLogger(MODULE).addFilter(_quiet_no_op_cast)
+        _wrap_continuous_batching(wrapper_type)
     except Exception as error:
         _faults.report(f"wrapping {MODULE}.{FUNCTION}", error, "models keep the plain sdpa downgrade")
 
@@ -73,9 +75,80 @@ def uninstall() -> None:
     """Put the original function back (identity-equal)."""
     logging.getLogger(MODULE).removeFilter(_quiet_no_op_cast)
     while _wrapped:
-        module, original = _wrapped.pop()
-        if getattr(getattr(module, FUNCTION, None), "__wrapped__", None) is original:
-            setattr(module, FUNCTION, original)
+        owner, original = _wrapped.pop()
+        name = original.__name__
+        if (
+            getattr(
+                vars(owner).get(name) if isinstance(owner, type) else getattr(owner, name, None),
+                "__wrapped__",
+                None,
+            )
+            is original
+        ):
+            setattr(owner, name, original)
+
+
+def _wrap_continuous_batching(wrapper_type: type) -> None:
+    """Continuous batching on CUDA turns CUDA graphs on by default for flash implementations (5.x); the
+    stand-in's kernels read sequence lengths on the host, which graph capture forbids (measured: every
+    request came back empty). For served models the default becomes off; an explicit choice stands."""
+    owner = getattr(sys.modules.get(CONTINUOUS_API), "ContinuousMixin", None)
+    current = vars(owner).get("init_continuous_batching") if owner is not None else None
+    if current is None or isinstance(current, wrapper_type):
+        return
+    owner.init_continuous_batching = wrapper_type(current, _init_continuous_batching)
+    _wrapped.append((owner, current))
+
+
+def _init_continuous_batching(wrapped: Any, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    try:
+        if is_active() and registry_kind(model) == "flash" and _cuda_available():
+            args, kwargs = _without_cuda_graphs(wrapped, model, args, kwargs)
+    except Exception as error:
+        _faults.report("choosing CUDA graphs for continuous batching", error, "transformers decides")
+    return wrapped(*args, **kwargs)
+
+
+def registry_kind(model: Any) -> str | None:
+    from .registry import kind_of
+
+    return kind_of(getattr(model, "config", None))
+
+
+def _cuda_available() -> bool:
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_available())
+
+
+def _without_cuda_graphs(
+    wrapped: Any, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Arguments with CUDA graphs off where the caller left them to the default (5.0-5.12: on the
+    generation config; 5.12+: on the ContinuousBatchingConfig)."""
+    import copy
+    import inspect
+
+    bound = inspect.signature(wrapped).bind_partial(*args, **kwargs)
+    arguments = bound.arguments
+    if "continuous_batching_config" in inspect.signature(wrapped).parameters:
+        cb_config = arguments.get("continuous_batching_config")
+        if cb_config is None:
+            from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+            generation_config = arguments.get("generation_config") or model.generation_config
+            cb_config = getattr(generation_config, "continuous_batching_config", None)
+            cb_config = copy.copy(cb_config) if cb_config is not None else ContinuousBatchingConfig()
+        if getattr(cb_config, "use_cuda_graph", None) is None:
+            cb_config.use_cuda_graph = False
+            logger.debug("continuous batching without CUDA graphs: the stand-in reads lengths on the host")
+        arguments["continuous_batching_config"] = cb_config
+    else:
+        generation_config = copy.deepcopy(arguments.get("generation_config") or model.generation_config)
+        if getattr(generation_config, "use_cuda_graph", None) is None:
+            generation_config.use_cuda_graph = False
+            logger.debug("continuous batching without CUDA graphs: the stand-in reads lengths on the host")
+        arguments["generation_config"] = generation_config
+    return bound.args, bound.kwargs
 
 
 def _quiet_no_op_cast(record: logging.LogRecord) -> bool:

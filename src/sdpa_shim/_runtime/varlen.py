@@ -32,6 +32,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -384,6 +385,20 @@ def _int32_on(cu: Tensor, device: torch.device) -> Tensor:
     return cu.to(device=device, dtype=torch.int32)
 
 
+class _ZeroGradOutside(torch.autograd.Function):
+    """Identity forward; the backward zeroes gradient rows where ``rows_ok`` is False."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, rows_ok: Tensor) -> Tensor:
+        ctx.save_for_backward(rows_ok)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (rows_ok,) = ctx.saved_tensors
+        return grad.masked_fill(~rows_ok.view(-1, *([1] * (grad.dim() - 1))), 0), None
+
+
 def _run_varlen_attn(
     q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, opts: _Options
 ) -> tuple[Tensor, Tensor | None]:
@@ -409,9 +424,11 @@ def _run_varlen_attn(
         kwargs["return_aux"] = f.aux_request(lse=True)
     q_ok = _row_mask(cu_q, q.shape[0], q.device)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        k_ok = _row_mask(cu_k, k.shape[0], k.device).view(-1, 1, 1)
-        q = torch.where(q_ok.view(-1, 1, 1), q, 0)  # backward: garbage gradient rows become 0
-        k, v = torch.where(k_ok, k, 0), torch.where(k_ok, v, 0)
+        # backward: FA2 leaves gradient rows outside every segment unwritten; zero them on the way back
+        # (an identity forward: no copy of q/k/v is made or kept for the backward)
+        k_ok = _row_mask(cu_k, k.shape[0], k.device)
+        q = _ZeroGradOutside.apply(q, q_ok)
+        k, v = _ZeroGradOutside.apply(k, k_ok), _ZeroGradOutside.apply(v, k_ok)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     cu_q32 = _int32_on(cu_q, q.device)
     cu_k32 = cu_q32 if cu_k is cu_q else _int32_on(cu_k, q.device)  # same object: cuDNN may take it
