@@ -41,7 +41,9 @@ REQUIRES = (
 )
 ROOT = Path(__file__).resolve().parents[1]
 FLASH_CLASS = {"top_varlen": "VisionFlashAttention2"}
-WARNING_TEXT = "sdpa_shim: RemoteTinyModel imports flash_attn (modeling_{}); serving it with sdpa_shim's PyTorch stand-in: "
+WARNING_TEXT = (
+    "RemoteTinyModel imports flash_attn (modeling_{}); serving it with sdpa_shim's PyTorch stand-in: "
+)
 
 
 @pytest.fixture(autouse=True)
@@ -507,7 +509,7 @@ def test_cuda_asserting_flash_path_is_served_for_cuda_half_precision(
         module = remote_module(model)
         assert module.flash_attn_varlen_qkvpacked_func is sdpa_shim.standin.flash_attn_varlen_qkvpacked_func
         [warning] = served_warnings(shim_records)
-        assert warning.startswith("sdpa_shim: RemoteTinyModel imports flash_attn (modeling_try_asserts); ")
+        assert warning.startswith("RemoteTinyModel imports flash_attn (modeling_try_asserts); ")
     else:
         assert not served_warnings(shim_records)
     assert "flash_attn" not in sys.modules
@@ -583,7 +585,7 @@ def test_warning_names_the_model_class_and_every_importing_module(tmp_path, shim
 
     [warning] = served_warnings(shim_records)
     assert warning.startswith(
-        "sdpa_shim: RemoteTinyModel imports flash_attn (modeling_config_beside, vision_embedding_beside); "
+        "RemoteTinyModel imports flash_attn (modeling_config_beside, vision_embedding_beside); "
     )
     assert "BesideConfig" not in " ".join(r.getMessage() for r in shim_records())
     uses = _remote_code.standin_uses()

@@ -7,14 +7,14 @@ on?" without importing the orchestrator, so imports run one way. Stdlib only: im
 
 from __future__ import annotations
 
-import threading
+import _thread
 
 #: The transformers modules whose import the shim waits for.
 MODELING_UTILS = "transformers.modeling_utils"
 DYNAMIC_MODULE_UTILS = "transformers.dynamic_module_utils"
 
 #: Held while the shim (de)activates or installs its wrappers; re-entrant because installing may import.
-lock = threading.RLock()
+lock = _thread.RLock()
 _active = False
 _wrapper_type: type | None = None
 

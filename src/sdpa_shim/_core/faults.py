@@ -7,14 +7,13 @@ printing an ERROR for every sub-model or every layer.
 
 from __future__ import annotations
 
-import logging
-import threading
+import _thread
 
-logger = logging.getLogger("sdpa_shim")
+from .settings import get_logger
 
 #: (exception type, message): one fault met by several hooks (a model and its sub-models) is one ERROR.
 _seen: set[tuple[str, str]] = set()
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()
 
 
 def report(where: str, error: BaseException, consequence: str) -> None:
@@ -24,9 +23,9 @@ def report(where: str, error: BaseException, consequence: str) -> None:
         first = key not in _seen
         _seen.add(key)
     if first:
-        logger.error("sdpa_shim: internal error in %s (%s: %s); %s", where, *key, consequence, exc_info=error)
+        get_logger().error("internal error in %s (%s: %s); %s", where, *key, consequence, exc_info=error)
     else:
-        logger.debug("sdpa_shim: internal error in %s again (%s: %s)", where, *key)
+        get_logger().debug("internal error in %s again (%s: %s)", where, *key)
 
 
 def clear() -> None:

@@ -26,6 +26,8 @@ import threading
 from types import ModuleType
 from typing import Any
 
+from .._core.settings import get_logger
+
 logger = logging.getLogger(__name__)
 
 IMPORT_UTILS = "transformers.utils.import_utils"
@@ -111,7 +113,7 @@ def _tell_hidden(reason: str) -> None:
     if _told_hidden:
         return
     _told_hidden = True
-    logger.info("sdpa_shim: transformers will treat flash-attn as not installed: %s", reason)
+    get_logger(__name__).info("transformers will treat flash-attn as not installed: %s", reason)
 
 
 def _shim_wrapper_type() -> type:

@@ -12,23 +12,21 @@ wrapt post-import hook (see ``watch``).
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
 
 from .. import _state
 from .._core import faults as _faults
-from .._core.settings import disabled_by_env
+from .._core.settings import get_logger, read_settings
 from .._state import DYNAMIC_MODULE_UTILS, MODELING_UTILS, is_active
-from .rewrite import Override
 from .watch import when_package_imported
 
+TYPE_CHECKING = False  # typing costs milliseconds at every start with SDPA_SHIM=1
 if TYPE_CHECKING:
-    from .rewrite import Rewrite
+    from types import ModuleType
+    from typing import Any
 
-logger = logging.getLogger(__name__)
+    from .rewrite import Rewrite
 
 __all__ = ["DYNAMIC_MODULE_UTILS", "MODELING_UTILS", "activate", "deactivate", "is_active", "patched_methods"]
 
@@ -41,14 +39,16 @@ _originals: dict[tuple[type, str], Any] = {}
 
 def activate() -> bool:
     """Turn the shim on (idempotent, thread-safe). Returns False when ``SDPA_SHIM`` says off."""
-    if disabled_by_env():
-        logger.info("SDPA_SHIM is off: sdpa_shim stays inactive")
+    settings = read_settings()
+    if settings.enabled is False:
+        get_logger(__name__).info("SDPA_SHIM is off: sdpa_shim stays inactive")
         return False
     with _lock:
         _state.set_active(True)
-        from .remote_code import install_if_opted_in
+        if settings.standin_everywhere:  # SDPA_SHIM_STANDIN=1: also code that never loads a remote model
+            from .remote_code import install_if_opted_in
 
-        install_if_opted_in()  # SDPA_SHIM_STANDIN=1 also serves code that never loads a remote model
+            install_if_opted_in()
         if _hook_registered:
             if MODELING_UTILS in sys.modules:
                 _install(sys.modules[MODELING_UTILS])
@@ -137,7 +137,7 @@ def _install(module: ModuleType) -> None:
     hooks = hooks_for(owner)
     if not hooks:
         version = getattr(sys.modules.get("transformers"), "__version__", "unknown")
-        logger.warning(
+        get_logger(__name__).warning(
             "sdpa_shim does not support transformers %s (no known attention hook); leaving it unchanged",
             version,
         )
@@ -153,7 +153,8 @@ def _install(module: ModuleType) -> None:
 
     registry.install(module)
     flash_paths.install()
-    logger.debug("sdpa_shim patched %s", ", ".join(f"{owner.__name__}.{name}" for name in hooks))
+    patched = ", ".join(f"{owner.__name__}.{name}" for name in hooks)
+    get_logger(__name__).debug("patched %s", patched)
 
 
 def _guarded(rewrite: Rewrite, name: str) -> Any:
@@ -163,6 +164,8 @@ def _guarded(rewrite: Rewrite, name: str) -> Any:
     it raises with a ``stacklevel`` that lands on this wrapper (or wrapt) are shown at the frame they
     would name without the shim: the caller of the hooked method (``_CallerWarnings``).
     """
+
+    from .rewrite import Override  # after transformers is imported: typing is loaded by then
 
     def wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         override: Any = _NO_OVERRIDE

