@@ -13,7 +13,7 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import sdpa_shim
-from loading import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION
+from loading import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION, without_shim
 from models import input_ids, logits, save_tiny_llava, tiny_llama_config
 
 TRANSFORMERS = Version(transformers.__version__)
@@ -140,8 +140,9 @@ def test_composite_dict_request_decides_each_sub_model(tmp_path, shim_records):
         ("LlavaForConditionalGeneration", "flash_attention_2", EXPECTED_CHOSEN),
     ]
     assert len(shim_records()) == 1  # one WARNING per composite load (sub-models at DEBUG)
-    sdpa_shim.deactivate()
-    expected = LlavaForConditionalGeneration.from_pretrained(directory, attn_implementation="sdpa")
+    expected = without_shim(
+        lambda: LlavaForConditionalGeneration.from_pretrained(directory, attn_implementation="sdpa")
+    )
     pixel_values = torch.randn(1, 3, 28, 28)
     ids = torch.tensor([[1, 100, 100, 100, 100, 5, 9]])  # 4 image tokens: (28 / 14) ** 2 patches
     with torch.no_grad():
