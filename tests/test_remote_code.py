@@ -610,10 +610,10 @@ SOURCE_CASES = {
 
 @pytest.mark.parametrize("case", SOURCE_CASES)
 def test_what_counts_as_a_guarded_import(case):
-    from sdpa_shim._integration import remote_window
+    from sdpa_shim._integration import remote_guards
 
     text, line, guarded = SOURCE_CASES[case]
-    facts = remote_window._read_source(text)
+    facts = remote_guards.read_source(text)
     assert any(first <= line <= last for first, last, _ in facts.guards) is guarded
 
 
@@ -631,6 +631,6 @@ def test_what_counts_as_a_guarded_import(case):
     ],
 )
 def test_what_counts_as_a_cuda_or_half_precision_check(check, flagged):
-    from sdpa_shim._integration import remote_window
+    from sdpa_shim._integration import remote_guards
 
-    assert bool(remote_window._read_source(check).checks) is flagged
+    assert bool(remote_guards.read_source(check).checks) is flagged

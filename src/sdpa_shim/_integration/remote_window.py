@@ -27,9 +27,7 @@ for the model class of the same package (``_pending``); modules that took flash_
 
 from __future__ import annotations
 
-import ast
 import logging
-import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -43,6 +41,7 @@ from .._core.detect import PACKAGES, FlashStatus, flash_status
 from .._core.settings import get_logger, read_settings
 from .._state import is_active
 from . import standin_import
+from .remote_guards import HALF, source_facts
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +49,6 @@ IMPLEMENTATION = "flash_attention_2"
 REMOTE_PREFIX = "transformers_modules."
 #: Top-level names of frames that are plumbing, not the code that imports or asks.
 _PLUMBING = frozenset({"importlib", "_frozen_importlib", "_frozen_importlib_external", "sdpa_shim", "wrapt"})
-#: Exceptions whose handler makes a ``try`` around a flash_attn import a fallback.
-_IMPORT_FAILURES = frozenset({"ImportError", "ModuleNotFoundError", "Exception", "BaseException"})
-#: Calls that test for flash_attn (``if is_flash_attn_2_available():``, ``if find_spec("flash_attn"):``).
-_PROBES = frozenset({"find_spec", "find_loader"})
-_HALF = frozenset({"float16", "bfloat16", "half"})
 
 
 @dataclass(frozen=True)
@@ -95,7 +89,6 @@ _everywhere_announced = False
 #: WARNING of the model class of that package.
 _pending: dict[str, list[str]] = {}
 #: file -> ((mtime, size), its source facts): guarded line ranges and CUDA/half-precision checks.
-_sources: dict[str, tuple[tuple[int, int], _SourceFacts]] = {}
 
 
 def install_if_opted_in() -> None:
@@ -333,16 +326,6 @@ def _serves_everywhere(status: FlashStatus) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class _SourceFacts:
-    """What a remote file says about its flash_attn imports."""
-
-    #: (first line, last line, what guards it): try bodies with an import-failure handler, probe ifs.
-    guards: tuple[tuple[int, int, str], ...] = ()
-    #: (line, source) of asserts/raises that test for CUDA or half precision.
-    checks: tuple[tuple[int, str], ...] = ()
-
-
 def _serve_guarded(window: _Window, frames: list[tuple[str, str, int]], probe: bool = False) -> bool:
     """Serve this lookup? Unguarded: yes. Guarded: yes unless the module needs CUDA/half and won't get it.
 
@@ -355,7 +338,7 @@ def _serve_guarded(window: _Window, frames: list[tuple[str, str, int]], probe: b
     decided = window.guarded.get(importer)
     if decided is not None:
         return decided
-    facts = [(_source_facts(file), line) for _, file, line in frames]
+    facts = [(source_facts(file), line) for _, file, line in frames]
     guard = "a flash_attn probe" if probe else ""
     for source, line in facts:
         guard = guard or next((what for first, last, what in source.guards if first <= line <= last), "")
@@ -365,7 +348,7 @@ def _serve_guarded(window: _Window, frames: list[tuple[str, str, int]], probe: b
     serve, why = True, "no CUDA or half-precision check in the module"
     if checks:
         device, dtype = _target(window)
-        serve = device == "cuda" and dtype in _HALF
+        serve = device == "cuda" and dtype in HALF
         line, text = checks[0]
         why = f"the module checks CUDA/half precision (line {line}: {text}); this load: {device}, {dtype}"
     outcome = "its flash path runs on the stand-in" if serve else "its own fallback runs, as without the shim"
@@ -388,79 +371,6 @@ def _target(window: _Window) -> tuple[str, str]:
         return "cpu", window.dtype or "float32"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return device, window.dtype or str(torch.get_default_dtype()).removeprefix("torch.")
-
-
-def _source_facts(file: str) -> _SourceFacts:
-    """Guards and CUDA/half checks of a remote file (parsed once per version of the file)."""
-    try:
-        stat = os.stat(file)
-        key = (stat.st_mtime_ns, stat.st_size)
-        cached = _sources.get(file)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        with open(file, encoding="utf-8") as handle:
-            text = handle.read()
-        facts = _read_source(text)
-    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
-        return _SourceFacts()  # no source (exec'd code): unguarded, no checks
-    _sources[file] = (key, facts)
-    return facts
-
-
-def _read_source(text: str) -> _SourceFacts:
-    tree = ast.parse(text)
-    guards: list[tuple[int, int, str]] = []
-    checks: list[tuple[int, str]] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Try | getattr(ast, "TryStar", ast.Try)) and node.body:
-            caught = [_caught(handler) for handler in node.handlers]
-            if any(caught):
-                what = "try/except " + next(name for name in caught if name)
-                guards.append((node.body[0].lineno, node.body[-1].end_lineno or node.lineno, what))
-        elif isinstance(node, ast.If) and _probes(node.test):
-            guards.append((node.lineno, node.end_lineno or node.lineno, f"if {ast.unparse(node.test)}"))
-        if isinstance(node, ast.Assert):
-            check = "assert"
-        elif isinstance(node, ast.If) and any(isinstance(child, ast.Raise) for child in node.body):
-            check = "if"
-        else:
-            continue
-        if _cuda_or_half(node.test):
-            checks.append((node.lineno, f"{check} {ast.unparse(node.test)}"))
-    return _SourceFacts(tuple(guards), tuple(checks))
-
-
-def _caught(handler: ast.ExceptHandler) -> str:
-    """The import failure the handler catches ("ImportError", "bare"), or ""."""
-    if handler.type is None:
-        return "bare"
-    types = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
-    for node in types:
-        name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
-        if name in _IMPORT_FAILURES:
-            return name
-    return ""
-
-
-def _probes(test: ast.expr) -> bool:
-    """Whether an ``if`` test calls ``is_flash_attn_*`` or ``find_spec``."""
-    for node in ast.walk(test):
-        if isinstance(node, ast.Call):
-            func = node.func
-            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-            if name in _PROBES or name.startswith("is_flash_attn"):
-                return True
-    return False
-
-
-def _cuda_or_half(test: ast.expr) -> bool:
-    """Whether a test reads ``.is_cuda``, ``torch.cuda``, ``"cuda"`` or a half-precision dtype."""
-    for node in ast.walk(test):
-        if isinstance(node, ast.Attribute) and (node.attr in ("is_cuda", "cuda") or node.attr in _HALF):
-            return True
-        if isinstance(node, ast.Constant) and node.value == "cuda":
-            return True
-    return False
 
 
 def _remote_frames() -> tuple[list[tuple[str, str, int]], bool]:
