@@ -94,9 +94,9 @@ def model_facts(model_or_class: Any, config: Any = None, dtype: Any = None) -> M
     cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
     if config is None:
         config = getattr(model_or_class, "config", None)
-    supports_sdpa, sdpa_error = _class_flag(cls, "_supports_sdpa")
-    flash, _ = _class_flag(cls, "_supports_flash_attn")
-    flash_2, _ = _class_flag(cls, "_supports_flash_attn_2")
+    supports_sdpa, sdpa_error = _class_flag(model_or_class, "_supports_sdpa")
+    flash, _ = _class_flag(model_or_class, "_supports_flash_attn")
+    flash_2, _ = _class_flag(model_or_class, "_supports_flash_attn_2")
     supports_flash = flash or flash_2
     return ModelFacts(
         name=cls.__name__,
@@ -109,23 +109,28 @@ def model_facts(model_or_class: Any, config: Any = None, dtype: Any = None) -> M
     )
 
 
-def _class_flag(cls: type, name: str) -> tuple[bool, str]:
-    """(value, "") for a plain class attribute; (False, why) when it is computed or cannot be read.
+def _class_flag(model_or_class: Any, name: str) -> tuple[bool, str]:
+    """(value, "") for a flag that can be read; (False, why) when it cannot.
 
-    Some remote classes define these flags as properties that read the half-built model (Florence-2 style,
-    transformers#39974); reading them on the class gives a property object, which is truthy, and on the
-    instance may raise. Only a plain value is trusted.
+    Some classes define these flags as properties (old Llava: "as the language model"; Florence-2 style
+    remote code, which reads the half-built model and raises, transformers#39974). On the class a property
+    is an object, always truthy, so it is never taken at face value: on the model being built (4.54+) it is
+    evaluated, a raise meaning "cannot be read"; on a class (bands A-B) the downgrade is written as "sdpa
+    where this class can", which transformers evaluates itself, per class, so it counts as yes.
     """
+    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
     try:
         raw = inspect.getattr_static(cls, name, False)
     except Exception as error:  # a metaclass that raises
         return False, f"{name} raised {type(error).__name__}"
-    if isinstance(raw, (property, staticmethod, classmethod)) or hasattr(type(raw), "__get__"):
-        return False, f"{name} is computed ({type(raw).__name__}), not a plain class attribute"
-    try:
+    if not hasattr(type(raw), "__get__"):
         return bool(raw), ""
+    if isinstance(model_or_class, type):
+        return True, ""
+    try:
+        return bool(getattr(model_or_class, name)), ""
     except Exception as error:
-        return False, f"{name} raised {type(error).__name__} when read"
+        return False, f"{name} is computed and raised {type(error).__name__} on the model being built"
 
 
 def probe_target(facts: ModelFacts) -> tuple[str, str]:
