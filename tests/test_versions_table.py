@@ -36,7 +36,8 @@ _LEGACY = ("_autoset_attn_implementation",)
 _MODERN = ("_check_and_adjust_attn_implementation",)
 _BOUND = "`import_utils` + every `from … import` binding"
 BANDS: tuple[Band, ...] = (
-    # post_init: before the attention registry (4.48) a downgraded model refuses packed rows from there
+    # post_init (bands A-B, where decisions are made on the class): a model downgraded to eager, or to sdpa
+    # before the attention registry (4.48), refuses packed rows from there (the pre-hook is added only then)
     Band(
         "4.36",
         "4.45",
@@ -47,25 +48,17 @@ BANDS: tuple[Band, ...] = (
     ),
     Band(
         "4.46",
-        "4.47",
+        "4.52",
         "B",
         (*_LEGACY, "__init__", "post_init"),
         _BOUND,
         "`from transformers import LlamaForCausalLM` fails",
     ),
     Band(
-        "4.48",
-        "4.52",
-        "B",
-        (*_LEGACY, "__init__"),
-        _BOUND,
-        "`from transformers import LlamaForCausalLM` fails",
-    ),
-    Band(
         "4.53",
         "4.53",
         "B",
-        (*_LEGACY, "__init__", "from_pretrained", "_from_config"),
+        (*_LEGACY, "__init__", "from_pretrained", "_from_config", "post_init"),
         _BOUND,
         "`from transformers import LlamaForCausalLM` fails",
     ),
