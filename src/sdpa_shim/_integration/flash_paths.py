@@ -198,8 +198,24 @@ def _lazy_imports(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: di
     if not (is_active() and _is_served_request(implementation)) or flash_status(IMPLEMENTATION).usable:
         return wrapped(*args, **kwargs)
     logger.debug("transformers' flash path for %s runs on sdpa_shim's PyTorch kernels", implementation)
+    _settle_other_flash_checks()
     with remote_window.transformers_flash_path():
         return wrapped(*args, **kwargs)
+
+
+def _settle_other_flash_checks() -> None:
+    """Ask transformers' FA3/FA4 checks now, while flash_attn is not importable: they are cached, and
+    5.4's ``is_flash_attn_4_available()`` raises ``KeyError: 'flash_attn'`` when it first runs while the
+    stand-in makes flash_attn importable without a flash-attn distribution."""
+    import_utils = sys.modules.get("transformers.utils.import_utils")
+    for name in ("is_flash_attn_3_available", "is_flash_attn_4_available"):
+        check = getattr(import_utils, name, None)
+        if check is None:
+            continue
+        try:
+            check()
+        except Exception:
+            logger.debug("transformers' %s() failed outside the stand-in's window", name, exc_info=True)
 
 
 def _is_served_request(implementation: object) -> bool:
