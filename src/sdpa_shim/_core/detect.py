@@ -81,7 +81,7 @@ def _compute(implementation: str) -> FlashStatus:
     if device_problem:
         return FlashStatus(implementation, False, device_problem, version)
     minimum = package.min_version or transformers_minimum_flash_attn_version()
-    if _version_tuple(version) < _version_tuple(minimum):
+    if version_tuple(version) < version_tuple(minimum):
         return FlashStatus(
             implementation,
             False,
@@ -150,10 +150,10 @@ def transformers_minimum_flash_attn_version() -> str:
         transformers_version = importlib.metadata.version("transformers")
     except importlib.metadata.PackageNotFoundError:
         return "2.1.0"
-    return "2.3.3" if _version_tuple(transformers_version) >= (5, 4) else "2.1.0"
+    return "2.3.3" if version_tuple(transformers_version) >= (5, 4) else "2.1.0"
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
+def version_tuple(text: str) -> tuple[int, ...]:
     """Leading numeric parts of a version string: "2.7.4.post1" -> (2, 7, 4)."""
     parts: list[int] = []
     for piece in text.split("+")[0].split("."):

@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import sys
 from types import ModuleType
 from typing import Any
 
 from .. import _state
 from .._core import faults as _faults
-from .._core.detect import flash_status
+from .._core.detect import flash_status, version_tuple
 from .._state import is_active
 from . import remote_window
+from .registry import kind_of
 
 logger = logging.getLogger(__name__)
 
@@ -102,17 +102,11 @@ def _wrap_continuous_batching(wrapper_type: type) -> None:
 
 def _init_continuous_batching(wrapped: Any, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     try:
-        if is_active() and registry_kind(model) == "flash" and _cuda_available():
+        if is_active() and kind_of(getattr(model, "config", None)) == "flash" and _cuda_available():
             args, kwargs = _without_cuda_graphs(wrapped, model, args, kwargs)
     except Exception as error:
         _faults.report("choosing CUDA graphs for continuous batching", error, "transformers decides")
     return wrapped(*args, **kwargs)
-
-
-def registry_kind(model: Any) -> str | None:
-    from .registry import kind_of
-
-    return kind_of(getattr(model, "config", None))
 
 
 def _cuda_available() -> bool:
@@ -223,9 +217,7 @@ def _is_served_request(implementation: object) -> bool:
 
 
 def _release_ok() -> bool:
-    version = getattr(sys.modules.get("transformers"), "__version__", "0")
-    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
-    return numbers >= FIRST_RELEASE
+    return version_tuple(getattr(sys.modules.get("transformers"), "__version__", "0")) >= FIRST_RELEASE
 
 
 @functools.lru_cache(maxsize=256)

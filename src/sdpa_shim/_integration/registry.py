@@ -18,6 +18,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from .._runtime.packed import starts_from_positions
+
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
@@ -154,14 +156,12 @@ def _wrap_flash(original: Callable[..., Any], sdpa: Callable[..., Any] | None) -
 def _plain_dense(module: Any, query: Any, key: Any, attention_mask: Any, kwargs: dict[str, Any]) -> bool:
     """A call SDPA computes exactly as flash-attn would: one or more whole sequences, no mask, causal
     alignment that top-left and bottom-right agree on (no cached offset, or a single query token)."""
-    from .._runtime import packed as _packed
-
     if attention_mask is not None or any(kwargs.get(name) is not None for name in _FLASH_ONLY):
         return False
     if getattr(module, "sliding_window", None) or query.shape[2] not in (1, key.shape[2]):
         return False
     if query.shape[0] == 1 and query.shape[2] > 1:
-        bounds = _packed.starts_from_positions(kwargs.get("position_ids"))
+        bounds = starts_from_positions(kwargs.get("position_ids"))
         if bounds is not None and len(bounds) > 2:
             return False  # a packed row: the flash path turns position_ids into cu_seqlens
     return True

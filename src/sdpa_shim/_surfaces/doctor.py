@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .._core.detect import PACKAGES, FlashStatus, flash_status
+from .._core.detect import PACKAGES, FlashStatus, flash_status, version_tuple
 from .._core.settings import (
     BACKEND_VALUES,
     BOOL_ACCEPTED,
@@ -405,11 +405,8 @@ def _transformers_range(version: str | None) -> Report:
 
 def _release(version: str) -> tuple[int, int] | None:
     """(major, minor) of a version string such as ``5.24.0`` or ``5.25.0.dev0``; None when unreadable."""
-    parts = version.split(".")
-    try:
-        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or "x")
-    except (IndexError, ValueError):
-        return None
+    parts = version_tuple(version)
+    return (parts[0], parts[1]) if len(parts) >= 2 else None
 
 
 def _run_files() -> Report:
