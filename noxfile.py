@@ -73,10 +73,11 @@ RELEASES: dict[str, str] = {
     "5.12": "5.12.1",
     "5.23": "5.23.0",
     "5.24": "5.24.0",
+    "5.25": "5.25.0",
 }
 #: minor -> why that release cannot be installed or imported here (torch 2.13.0 CPU, Python 3.11).
 UNSUPPORTED: dict[str, str] = {}
-NEWEST = "5.24"
+NEWEST = "5.25"
 #: Test files whose subject does not depend on the transformers release (pure policy, the stand-in's
 #: numerics, CLI / start-up / launcher / notebook / packaging plumbing): they run once, in the newest
 #: release's session, and every other session ignores them. Everything about attention selection runs

@@ -214,8 +214,8 @@ def _doctor_with_transformers(monkeypatch, capsys, version: str) -> tuple[int, s
 def test_doctor_names_the_tested_range_and_warns_on_an_untested_release(capsys, monkeypatch):
     status, out = _doctor_with_transformers(monkeypatch, capsys, "5.99.0")
     assert status == 0, out
-    assert "transformers       5.99.0  (tested: 4.36 ... 5.24; this one: untested)" in out
-    assert "note: transformers 5.99.0 is untested; newest tested is 5.24\n" in out
+    assert "transformers       5.99.0  (tested: 4.36 ... 5.25; this one: untested)" in out
+    assert "note: transformers 5.99.0 is untested; newest tested is 5.25\n" in out
     assert "PROBLEM" not in out
 
 

@@ -76,7 +76,7 @@ BANDS: tuple[Band, ...] = (
     Band("5.0", "5.3", "D", (*_MODERN, "get_correct_attn_implementation"), _BOUND, "a flash request fails"),
     Band(
         "5.4",
-        "5.24",
+        "5.25",
         "E",
         (*_MODERN, "get_correct_attn_implementation"),
         _BOUND + " + `FLASH_ATTENTION_COMPATIBILITY_MATRIX[2]`",

@@ -43,7 +43,7 @@ _BOOL_TEXT = BOOL_ACCEPTED
 #: The transformers releases the nox matrix tests (noxfile.py's RELEASES; docs/versions.md): the oldest
 #: supported one (older: no ``attn_implementation``, a PROBLEM) and the newest tested one (newer: a warning).
 OLDEST_SUPPORTED = (4, 36)
-NEWEST_TESTED = (5, 24)
+NEWEST_TESTED = (5, 25)
 #: SDPA backends that exist only on CUDA devices (or, OVERRIDEABLE, only on out-of-tree accelerators):
 #: probing them on the CPU says nothing about this machine.
 _NOT_ON_CPU = {
