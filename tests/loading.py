@@ -54,12 +54,30 @@ def load_auto(directory):
     return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="flash_attention_2")
 
 
-def load_config_json(directory):
-    """``"_attn_implementation"`` in config.json is honoured by every release (and beats the kwarg)."""
+#: The config.json keys a release reads a request from (read in each release's configuration_utils.py;
+#: tests/test_config_json_keys.py checks both on every release of the matrix):
+#: - ``"_attn_implementation"`` (private) reaches ``PretrainedConfig.__init__``'s setattr loop on 4.36-5.24;
+#:   5.25 lists it in ``ignored_keys`` ("hub configs should use the public field"): it does nothing there.
+#: - ``"attn_implementation"`` (public) is an ``__init__`` argument on every release, but ``from_dict`` on
+#:   4.36-5.3 overwrites it with from_pretrained's keyword (None when none is given); read from 5.4 on.
+PRIVATE_KEY_READ = Version("5.25") > TRANSFORMERS
+PUBLIC_KEY_READ = Version("5.4") <= TRANSFORMERS
+#: The key a config.json request is written with: the private one where it is still read (it also beats
+#: the keyword there), the public one from 5.25.
+CONFIG_JSON_KEY = "_attn_implementation" if PRIVATE_KEY_READ else "attn_implementation"
+
+
+def write_config_request(directory, value: str = "flash_attention_2", key: str = CONFIG_JSON_KEY) -> None:
+    """Put an attention request into ``directory/config.json`` under ``key``, as a model repo would."""
     config_file = directory / "config.json"
     config = json.loads(config_file.read_text())
-    config["_attn_implementation"] = "flash_attention_2"
+    config[key] = value
     config_file.write_text(json.dumps(config))
+
+
+def load_config_json(directory):
+    """A request in config.json, under the key this release reads (CONFIG_JSON_KEY)."""
+    write_config_request(directory)
     return AutoModelForCausalLM.from_pretrained(directory)
 
 

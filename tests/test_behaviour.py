@@ -13,7 +13,7 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import sdpa_shim
-from loading import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION, without_shim
+from loading import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION, without_shim, write_config_request
 from models import input_ids, logits, save_tiny_llava, tiny_llama_config
 
 TRANSFORMERS = Version(transformers.__version__)
@@ -167,10 +167,7 @@ def test_composite_sub_config_request_uses_sub_model_class(tmp_path, shim_record
 def test_save_pretrained_keeps_the_users_request(tiny_llama, tmp_path):
     import json
 
-    config_file = tiny_llama / "config.json"
-    data = json.loads(config_file.read_text())
-    data["_attn_implementation"] = "flash_attention_2"
-    config_file.write_text(json.dumps(data))
+    write_config_request(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     assert model.config._attn_implementation == EXPECTED_IMPLEMENTATION
     model.save_pretrained(tmp_path / "saved")
