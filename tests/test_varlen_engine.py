@@ -8,6 +8,7 @@ compute the float64 reference (the kernel's numbers are checked by bench/engine_
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -466,6 +467,36 @@ def test_deterministic_backward_is_bit_identical_and_restores_torch_state():
     assert not torch.are_deterministic_algorithms_enabled()
     plain = varlen_attention(*inputs, cu_q, cu_k, 30, 30, causal=True)
     torch.testing.assert_close(out.detach(), plain, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("route", [*varlen.ROUTES, "dense"])
+def test_deterministic_backward_survives_repeated_backward_passes(route):
+    """flash-attn's determinism tests (and gradient penalties) run backward several times through one
+    forward with ``retain_graph=True``: every pass gives the same gradients, bit for bit."""
+    from sdpa_shim.standin import flash_attn_func
+
+    lq = [6, 6, 6] if route.startswith("uniform") or route == "dense" else [5, 30, 1, 17]
+    inputs = [x.clone().requires_grad_() for x in _inputs(lq, lq)]
+    cu = torch.tensor(_cu(lq))
+    want_lse = route.endswith("_explicit")
+    feats = _fake_varlen_attn("2.12")[1] if route == "varlen_attn" else {}
+    if route == "varlen_attn":
+        inputs = [x.detach().bfloat16().requires_grad_() for x in inputs]
+    with kernels.override_features(**feats), contextlib.ExitStack() as stack:
+        if route == "dense":
+            q, k, v = (x.unflatten(0, (3, 6)) for x in inputs)
+            out = flash_attn_func(q, k, v, causal=True, deterministic=True)
+        else:
+            stack.enter_context(varlen.force_route(route))
+            res = varlen_attention(
+                *inputs, cu, cu, 30, 30, causal=True, deterministic=True, return_lse=want_lse
+            )
+            out = res[0] if want_lse else res
+    grad = torch.randn_like(out)
+    passes = [torch.autograd.grad(out, inputs, grad, retain_graph=True) for _ in range(3)]
+    assert all(g.abs().sum() > 0 for g in passes[0])
+    for later in passes[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(passes[0], later, strict=True))
 
 
 def test_debug_log_once_per_route_device_dtype(caplog):

@@ -401,23 +401,26 @@ class _DeterministicBackward(torch.autograd.Function):
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
             outs = tuple(fn(*leaves))
-        ctx.graph = (leaves, outs)
+        # Saved tensors, not attributes: the inner graph then lives exactly as long as the outer one
+        # (kept by ``retain_graph=True``, freed with it otherwise), so backward can run again.
+        ctx.save_for_backward(*leaves, outs[0])
         if len(outs) > 1:
             ctx.mark_non_differentiable(*(o for o in outs[1:]))
         return tuple(o.detach() for o in outs)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        leaves, outs = ctx.graph
+        *leaves, out = ctx.saved_tensors
         wanted = [x for x in leaves if x.requires_grad]
+        # retain_graph: the inner graph must survive for a second backward through the outer one
+        # (flash-attn's determinism tests, gradient penalties); it is freed with the outer graph.
         try:
             with _deterministic_algorithms(warn_only=False):
-                got = torch.autograd.grad(outs[0], wanted, grads[0], retain_graph=True, allow_unused=True)
+                got = torch.autograd.grad(out, wanted, grads[0], retain_graph=True, allow_unused=True)
         except RuntimeError as exc:  # an op with no deterministic kernel (e.g. cuBLAS without its env var)
             log.warning("deterministic backward not available here (%s); using the default kernels", exc)
             with _deterministic_algorithms(warn_only=True):
-                got = torch.autograd.grad(outs[0], wanted, grads[0], allow_unused=True)
-        ctx.graph = None
+                got = torch.autograd.grad(out, wanted, grads[0], retain_graph=True, allow_unused=True)
         it = iter(got)
         return (None, *(next(it) if x.requires_grad else None for x in leaves))
 
