@@ -113,8 +113,13 @@ NEWEST_DEPENDENCIES = ("nbclient", "nbformat", "ipykernel", "build", "twine")
 TRL_DEPENDENCIES = ("trl==1.16.0", "datasets")
 TRL_FIRST_RELEASE = (4, 56)
 ROOT = Path(__file__).resolve().parent
+#: The next torch (``torch_next``): a CUDA build from the package index, run on the CPU.
+TORCH_NEXT = "2.14.1"
+#: Matrix bookkeeping that a release outside the matrix fails by definition (no row in docs/versions.md yet).
+MATRIX_ONLY = ("tests/test_versions_table.py",)
 
-nox.options.sessions = ["tests"]
+#: CI (``.ci/run`` runs ``python -m nox``): the matrix, then the newest release on the index (see ``latest``).
+nox.options.sessions = ["tests", "latest"]
 nox.options.default_venv_backend = "venv"
 nox.options.error_on_missing_interpreters = True
 
@@ -258,28 +263,36 @@ def _share_torch(session: nox.Session) -> None:
     session.run_install("python", "-c", CHECK_TORCH, str(expected), silent=True)
 
 
-def _constraints(session: nox.Session) -> Path:
-    """A pip constraint file pinning torch, so no requirement can pull another (CUDA) build."""
+def _install_and_run(
+    session: nox.Session,
+    release: str,
+    *,
+    everything: bool,
+    torch: str = TORCH,
+    ignore: tuple[str, ...] = (),
+) -> None:
+    """Install transformers ``release`` (and the test tools) into the session and run tests/ on it.
+
+    ``everything``: also the RELEASE_INDEPENDENT files (and what they need); ``torch``: the torch the
+    session must see (TORCH is shared from nox's interpreter; another is installed into the session).
+    """
     constraints = Path(session.create_tmp()) / "constraints.txt"
-    constraints.write_text(f"torch=={TORCH}\n")
-    return constraints
-
-
-def _run_suite(session: nox.Session, minor: str) -> None:
-    if minor in UNSUPPORTED:
-        session.skip(f"transformers {minor} is unsupported: {UNSUPPORTED[minor]}")
-    release = RELEASES[minor]
-    constraints = _constraints(session)
-    _share_torch(session)
-    newest_only = NEWEST_DEPENDENCIES if minor == NEWEST else ()
-    trl = TRL_DEPENDENCIES if tuple(int(part) for part in minor.split(".")) >= TRL_FIRST_RELEASE else ()
+    constraints.write_text(f"torch=={torch}\n")  # no requirement may pull another (CUDA) build
+    if torch == TORCH:
+        _share_torch(session)
+    else:
+        session.install("--constraint", str(constraints), f"torch=={torch}")
+        check = "import sys, torch; "
+        check += "v = torch.__version__; sys.exit(None if v.split('+')[0] == sys.argv[1] else v)"
+        session.run("python", "-c", check, torch, silent=True)
+    minor = tuple(int(part) for part in release.split(".")[:2])
     session.install(
         "--constraint",
         str(constraints),
         f"transformers=={release}",
         *TEST_DEPENDENCIES,
-        *newest_only,
-        *trl,
+        *(NEWEST_DEPENDENCIES if everything else ()),
+        *(TRL_DEPENDENCIES if minor >= TRL_FIRST_RELEASE else ()),
     )
     session.run(
         "python",
@@ -293,9 +306,25 @@ def _run_suite(session: nox.Session, minor: str) -> None:
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    once = [] if minor == NEWEST else [f"--ignore={path}" for path in RELEASE_INDEPENDENT]
+    skipped = [*ignore, *(() if everything else RELEASE_INDEPENDENT)]
     # session.posargs (after ``--``) go to pytest: test files, -x, -k ...
-    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *once, *session.posargs, env=env)
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *[f"--ignore={path}" for path in skipped],
+        *session.posargs,
+        env=env,
+    )
+
+
+def _run_suite(session: nox.Session, minor: str) -> None:
+    if minor in UNSUPPORTED:
+        session.skip(f"transformers {minor} is unsupported: {UNSUPPORTED[minor]}")
+    _install_and_run(session, RELEASES[minor], everything=minor == NEWEST)
 
 
 @nox.session(python=_base_python(), venv_params=["--system-site-packages"], tags=["matrix"])
@@ -309,3 +338,80 @@ def tests(session: nox.Session, transformers: str) -> None:
 def newest(session: nox.Session) -> None:
     """Fast dev loop: the whole test suite against the newest release only."""
     _run_suite(session, NEWEST)
+
+
+def _newest_on_index() -> tuple[str | None, str]:
+    """The newest transformers release on the package index pip is configured with (``pip index versions``,
+    pre-releases excluded), or None and why not."""
+    import re
+    import subprocess
+
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "index",
+        "versions",
+        "transformers",
+        "--disable-pip-version-check",
+    ]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return None, f"{shlex.join(command)} failed: {error}"
+    found = re.search(r"^transformers \(([^)]+)\)", result.stdout, re.MULTILINE)
+    if result.returncode != 0 or found is None:
+        detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        return None, f"{shlex.join(command)} exited {result.returncode}: {detail[0]}"
+    return found.group(1), ""
+
+
+@nox.session(python=_base_python(), venv_params=["--system-site-packages"])
+def latest(session: nox.Session) -> None:
+    """The newest transformers on the package index, resolved now: a release not yet in RELEASES is tried
+    without editing the matrix. Prints the release it found; when that is already the matrix's release of its
+    minor, the matrix has run it and nothing runs again (one index query, seconds).
+
+    In CI (``nox.options.sessions``) because that is where a new release is noticed first; it costs seconds
+    while the matrix is current, and one suite run (about 3 minutes, release-dependent files only) while it
+    is behind, within the 45 minutes. Its failure does NOT fail CI by default: CI's verdict is about the
+    commit and the releases it declares (RELEASES), and the same commit must not turn red because PyPI moved.
+    The failure is printed as ``latest: transformers X FAILS ...`` with what to do (docs/versions.md, "Adding
+    a release"). ``SDPA_SHIM_LATEST_STRICT=1`` makes it fail the run (a scheduled job that should go red).
+    An index that cannot be reached is a skip with the reason (or a failure when strict).
+    """
+    strict = os.environ.get("SDPA_SHIM_LATEST_STRICT", "") == "1"
+    release, why = _newest_on_index()
+    if release is None:
+        message = f"latest: the package index could not be asked for the newest transformers: {why}"
+        session.error(message) if strict else session.skip(message)
+    minor = ".".join(release.split(".")[:2])
+    session.log(f"latest: the newest transformers on the index is {release}")
+    if RELEASES.get(minor) == release:
+        session.skip(
+            f"latest: transformers {release} is in the matrix (tests(transformers={minor!r})): not run again"
+        )
+    try:
+        # the matrix bookkeeping (docs/versions.md rows) fails for any release outside RELEASES by definition
+        _install_and_run(session, release, everything=False, ignore=MATRIX_ONLY)
+    except nox.command.CommandFailed:
+        message = (
+            f"latest: transformers {release} FAILS (see above); it is not in the matrix: add it to RELEASES "
+            "and fix (docs/versions.md, 'Adding a release')"
+        )
+        if strict:
+            session.error(message)
+        session.warn(f"{message}. Not failing CI (SDPA_SHIM_LATEST_STRICT=1 would).")
+        return
+    session.log(
+        f"latest: transformers {release} passes; add it to RELEASES (docs/versions.md, 'Adding a release')"
+    )
+
+
+@nox.session(python=_base_python())
+def torch_next(session: nox.Session) -> None:
+    """The newest release of the matrix on the next torch (TORCH_NEXT, a CUDA build run on the CPU), the
+    whole suite. Not in CI: measured on the 2-core box (see the module docstring) it costs more than the 45
+    minutes leave. Run it by hand when the torch runtime changes (src/sdpa_shim/_runtime, standin, backend
+    policy), before a release, and when TORCH_NEXT moves: ``python -m nox -s torch_next``."""
+    _install_and_run(session, RELEASES[NEWEST], everything=True, torch=TORCH_NEXT)
