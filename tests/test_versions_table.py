@@ -110,6 +110,21 @@ def read_matrix() -> tuple[dict[str, str], dict[str, str]]:
     return values["RELEASES"], values["UNSUPPORTED"]
 
 
+ADDING = """## Adding a release
+
+1. Find it: `python -m nox -s latest` resolves the newest transformers on the package index and runs the
+   suite on it (CI runs it after the matrix and prints `latest: the newest transformers on the index is X`,
+   then whether it passes; a failure there is reported, not failing CI, unless `SDPA_SHIM_LATEST_STRICT=1`).
+2. Add it to the matrix: the minor and its release in `RELEASES` in `noxfile.py` (and `NEWEST` when it is the
+   newest); extend the last band in `BANDS` of `tests/test_versions_table.py`, or add a band when a hooked
+   method moved (`hooks.hooks_for` picks the band); `NEWEST_TESTED` in `src/sdpa_shim/_surfaces/doctor.py`
+   (`tests/test_cli.py` checks it against `RELEASES`).
+3. `python -m nox -s newest` and fix what fails, per release: read what changed in the release's own source
+   (`pip download transformers==X --no-deps`), never loosen a check to fit.
+4. `python tests/test_versions_table.py --write` regenerates this file and the README's table.
+"""
+
+
 def render() -> str:
     releases, unsupported = read_matrix()
     lines = [
@@ -149,13 +164,15 @@ def render() -> str:
         "Releases older than 4.36 (no `attn_implementation`) are not supported: there the shim logs one "
         "WARNING and leaves transformers unchanged.",
         "",
+        ADDING,
     ]
     return "\n".join(lines)
 
 
 def readme_section() -> str:
-    """The README's copy: the table and its notes, without the page heading and the generator comment."""
-    body = render().split("\n")
+    """The README's copy: the table and its notes, without the page heading, the generator comment and the
+    steps for adding a release."""
+    body = render().split(ADDING)[0].split("\n")
     return "\n".join(body[body.index("") + 3 :]).strip()
 
 
