@@ -18,8 +18,6 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from .._runtime.packed import starts_from_positions
-
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
@@ -122,49 +120,29 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
     return _marked(sdpa_attention_forward, original)
 
 
-#: Keywords that only the flash path can honour (varlen, windows, softcap, sinks, continuous batching).
-_FLASH_ONLY = (
-    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "sliding_window", "softcap", "s_aux",
-    "cache", "read_index", "write_index", "logits_indices", "block_table", "k_cache", "v_cache",
-)  # fmt: skip
-
-
 def _wrap_flash(original: Callable[..., Any], sdpa: Callable[..., Any] | None) -> Callable[..., Any]:
-    """Models kept on the flash path. A plain dense call (no mask, no packing, no window, no cache
-    offset) goes to transformers' SDPA function, which computes the same thing without the flash path's
-    per-layer host syncs (measured on an H200: dense prefill/training at 0.82x plain sdpa through the flash
-    path); everything else takes transformers' flash code. Both under the SDPA backend policy."""
+    """Models kept on the flash path: each call takes the route it needs (``flash_calls``): dense and
+    padded calls transformers' SDPA function (what plain "sdpa" runs, with no per-layer host reads),
+    varlen work transformers' flash code on the varlen engine."""
     from .._core import faults as _faults
     from .._runtime import backends as _backends
+    from . import flash_calls as _flash_calls
 
     def flash_attention_forward(
         module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any
     ):
         if kind_of(getattr(module, "config", None)) != "flash":
             return original(module, query, key, value, attention_mask, **kwargs)
+        if sdpa is None:
+            return _backends.dispatch(original, module, query, key, value, attention_mask, **kwargs)
         try:
-            dense = sdpa is not None and _plain_dense(module, query, key, attention_mask, kwargs)
-        except Exception as error:
-            _faults.report("the dense-call check", error, "the call takes transformers' flash path")
-            dense = False
-        target = sdpa if dense else original
-        return _backends.dispatch(target, module, query, key, value, attention_mask, **kwargs)
+            return _flash_calls.serve(original, sdpa, module, query, key, value, attention_mask, kwargs)
+        except _flash_calls.RouteError as error:
+            why = error.__cause__ or error
+            _faults.report("choosing the attention route", why, "the call takes transformers' flash path")
+        return _backends.dispatch(original, module, query, key, value, attention_mask, **kwargs)
 
     return _marked(flash_attention_forward, original)
-
-
-def _plain_dense(module: Any, query: Any, key: Any, attention_mask: Any, kwargs: dict[str, Any]) -> bool:
-    """A call SDPA computes exactly as flash-attn would: one or more whole sequences, no mask, causal
-    alignment that top-left and bottom-right agree on (no cached offset, or a single query token)."""
-    if attention_mask is not None or any(kwargs.get(name) is not None for name in _FLASH_ONLY):
-        return False
-    if getattr(module, "sliding_window", None) or query.shape[2] not in (1, key.shape[2]):
-        return False
-    if query.shape[0] == 1 and query.shape[2] > 1:
-        bounds = starts_from_positions(kwargs.get("position_ids"))
-        if bounds is not None and len(bounds) > 2:
-            return False  # a packed row: the flash path turns position_ids into cu_seqlens
-    return True
 
 
 def _marked(wrapper: Callable[..., Any], original: Callable[..., Any]) -> Callable[..., Any]:

@@ -28,7 +28,6 @@ tokens: O(used pages), differentiable), then routed like any other call.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -37,22 +36,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import forward_meta
+from .bucketed import Options as _Options
+from .bucketed import run_bucketed
 from .kernels import (
-    _alibi_bias,
-    _sdpa,
     attention,
     deterministic_backward,
-    explicit_attention,
     features,
-    masked_sdpa,
     normalize_window,
 )
 
 log = logging.getLogger(__name__)
 
 ROUTES = ("varlen_attn", "uniform_sdpa", "uniform_explicit", "bucketed_sdpa", "bucketed_explicit")
-#: Lengths up to this share one bucket: a few padded tokens cost less than another kernel launch.
-MIN_BUCKET = 16
 #: When every sequence is at least this long and of one length, prefer ``uniform_sdpa`` over
 #: varlen_attn (cuDNN SDPA beat FA2 there on an H100). None: always varlen_attn, as FA2 code is.
 UNIFORM_OVER_VARLEN_ATTN_FROM: int | None = None
@@ -72,24 +68,6 @@ def force_route(route: str) -> Iterator[None]:
         yield
     finally:
         _FORCED.remove(route)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Options:
-    """Per-call settings after flash-attn's normalisation (window bounded by max_seqlen_k)."""
-
-    scale: float
-    left: int
-    right: int
-    softcap: float
-    alibi: Tensor | None
-    dropout_p: float
-    want_lse: bool
-    max_k: int  # as the caller gave it: flash-attn bounds windows by it, FA2 sizes its grid by it
-
-    @property
-    def needs_explicit(self) -> bool:
-        return self.softcap > 0 or self.want_lse
 
 
 def varlen_attention(
@@ -162,7 +140,9 @@ def route_for(
 
 
 def _as_int(x: int | Tensor) -> int:
-    return int(x.item()) if isinstance(x, Tensor) else int(x)
+    """A length that may come as a 0-d tensor: read on the host once per tensor (every layer of a
+    forward passes the same one)."""
+    return forward_meta.host_int(x)
 
 
 def _options(
@@ -246,8 +226,8 @@ def _bounds(cu_q: Tensor, cu_k: Tensor, tq: int, tk: int) -> tuple[list[int], li
     """cu_seqlens on the host (one sync), checked like flash-attn's front end would."""
     if cu_q.dim() != 1 or cu_q.numel() < 1 or cu_k.dim() != 1:
         raise ValueError(f"cu_seqlens must be 1-D (batch + 1,), got {tuple(cu_q.shape)}, {tuple(cu_k.shape)}")
-    bq = [int(x) for x in cu_q.tolist()]
-    bk = bq if cu_k is cu_q else [int(x) for x in cu_k.tolist()]
+    bq = forward_meta.host_list(cu_q)  # once per tensor: every layer of a forward passes the same one
+    bk = bq if cu_k is cu_q else forward_meta.host_list(cu_k)
     if len(bq) != len(bk):
         raise ValueError(f"cu_seqlens_q has {len(bq)} entries but cu_seqlens_k has {len(bk)}")
     if any(b > a for a, b in zip(bq[1:], bq[:-1], strict=False)) or any(
@@ -275,6 +255,7 @@ def _varlen_attn_refusal(q: Tensor, k: Tensor, v: Tensor, opts: _Options) -> str
         (opts.softcap > 0 or opts.alibi is not None or opts.dropout_p > 0, "softcap/alibi/dropout"),
         (opts.want_lse and ("return_aux" not in params or f.aux_request is None), "lse"),
         ("scale" not in params and not math.isclose(opts.scale, d**-0.5, rel_tol=1e-6), "scale"),
+        (opts.scale <= 0, "scale <= 0 (torch 2.15 refuses it)"),
         (
             "window_size" not in params and not (opts.left < 0 and opts.right in (-1, 0)),
             "window",
@@ -369,7 +350,7 @@ def _execute(
     explicit = route.endswith("_explicit")
     if route.startswith("uniform"):
         return _run_uniform(q, k, v, bq, bk, opts, explicit)
-    return _run_bucketed(q, k, v, bq, bk, opts, explicit)
+    return run_bucketed(q, k, v, cu_q, cu_k, bq, bk, opts, explicit)
 
 
 def _row_mask(cu: Tensor, rows: int, device: torch.device) -> Tensor:
@@ -377,12 +358,6 @@ def _row_mask(cu: Tensor, rows: int, device: torch.device) -> Tensor:
     r = torch.arange(rows, device=device)
     cu = cu.to(device)
     return (r >= cu[0]) & (r < cu[-1])
-
-
-def _int32_on(cu: Tensor, device: torch.device) -> Tensor:
-    if cu.dtype == torch.int32 and cu.device == device:
-        return cu
-    return cu.to(device=device, dtype=torch.int32)
 
 
 class _ZeroGradOutside(torch.autograd.Function):
@@ -422,6 +397,8 @@ def _run_varlen_attn(
     if opts.want_lse:
         assert f.aux_request is not None
         kwargs["return_aux"] = f.aux_request(lse=True)
+    if _covers_every_row(cu_q, cu_k, q.shape[0], k.shape[0]):
+        return _call_varlen_attn(q, k, v, cu_q, cu_k, max_q, opts, kwargs)
     q_ok = _row_mask(cu_q, q.shape[0], q.device)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         # backward: FA2 leaves gradient rows outside every segment unwritten; zero them on the way back
@@ -429,11 +406,7 @@ def _run_varlen_attn(
         k_ok = _row_mask(cu_k, k.shape[0], k.device)
         q = _ZeroGradOutside.apply(q, q_ok)
         k, v = _ZeroGradOutside.apply(k, k_ok), _ZeroGradOutside.apply(v, k_ok)
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    cu_q32 = _int32_on(cu_q, q.device)
-    cu_k32 = cu_q32 if cu_k is cu_q else _int32_on(cu_k, q.device)  # same object: cuDNN may take it
-    res = f.varlen_attn(q, k, v, cu_q32, cu_k32, max_q, opts.max_k, **kwargs)
-    out, lse = (res[0], res[1]) if opts.want_lse else (res, None)
+    out, lse = _call_varlen_attn(q, k, v, cu_q, cu_k, max_q, opts, kwargs)
     # In place through ``.data``: FA2's backward keeps ``out`` but never reads rows outside every segment,
     # so zeroing them cannot change a gradient; an out-of-place copy would keep a second output-sized
     # tensor alive per layer until the backward (measured: +1.4 GiB on a 22-layer, 16k-token step).
@@ -441,6 +414,53 @@ def _run_varlen_attn(
     if lse is not None:
         lse = torch.where(q_ok.view(1, -1), lse.float(), math.inf)
     return out, lse
+
+
+def _covers_every_row(cu_q: Tensor, cu_k: Tensor, tq: int, tk: int) -> bool:
+    """Whether the segments span every row of q and k (nothing for FA2 to leave unwritten), read on
+    the host once per cu_seqlens tensor; unknown (False) while a CUDA graph is captured or traced."""
+    if torch.compiler.is_compiling() or (cu_q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False
+    bq = forward_meta.host_list(cu_q)
+    bk = bq if cu_k is cu_q else forward_meta.host_list(cu_k)
+    return bool(bq) and bool(bk) and bq[0] == 0 and bk[0] == 0 and bq[-1] == tq and bk[-1] == tk
+
+
+def _call_varlen_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_q: Tensor,
+    cu_k: Tensor,
+    max_q: int,
+    opts: _Options,
+    kwargs: dict[str, object],
+) -> tuple[Tensor, Tensor | None]:
+    f = features()
+    assert f.varlen_attn is not None
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    cu_q32 = forward_meta.int32_on(cu_q, q.device)
+    # the same object for q and k when they are one: cuDNN may take it
+    cu_k32 = cu_q32 if cu_k is cu_q else forward_meta.int32_on(cu_k, q.device)
+    with _flash_backend_available():
+        res = f.varlen_attn(q, k, v, cu_q32, cu_k32, max_q, opts.max_k, **kwargs)
+    return (res[0], res[1]) if opts.want_lse else (res, None)
+
+
+@contextlib.contextmanager
+def _flash_backend_available() -> Iterator[None]:
+    """torch 2.15's varlen_attn picks its kernel from SDPA's backend flags and fails ("No viable
+    backend") when flash and cuDNN are both off, as the backend policy's pinned "efficient"/"math"
+    plans leave them for SDPA: the flash flag is turned on for the varlen call alone."""
+    cuda = torch.backends.cuda
+    if cuda.flash_sdp_enabled() or cuda.cudnn_sdp_enabled():
+        yield
+        return
+    cuda.enable_flash_sdp(True)
+    try:
+        yield
+    finally:
+        cuda.enable_flash_sdp(False)
 
 
 def _run_uniform(
@@ -467,127 +487,3 @@ def _run_uniform(
         lse = torch.full((h, tq), math.inf, dtype=torch.float32, device=q.device)
         lse[:, bq[0] : bq[-1]] = res.lse.permute(1, 0, 2).reshape(h, n * lq)
     return out, lse
-
-
-def _bucket_of(length: int) -> int:
-    return (max(length, MIN_BUCKET) - 1).bit_length()
-
-
-def _run_bucketed(
-    q: Tensor, k: Tensor, v: Tensor, bq: list[int], bk: list[int], opts: _Options, explicit: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Sequences grouped into a few padded batches; outputs put back with one index_select."""
-    tq, h = q.shape[0], q.shape[1]
-    dv = v.shape[-1]
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i in range(len(bq) - 1):
-        lq, lk = bq[i + 1] - bq[i], bk[i + 1] - bk[i]
-        if lq > 0 and lk > 0:  # no key: the row stays 0 (lse +inf)
-            groups.setdefault((_bucket_of(lq), _bucket_of(lk)), []).append(i)
-    source = torch.full((tq,), -1, dtype=torch.long)  # output row -> row of the stacked results
-    outs: list[Tensor] = []
-    lses: list[Tensor] = []
-    offset = 0
-    for idx in groups.values():
-        sq = torch.tensor([bq[i] for i in idx])
-        lq = torch.tensor([bq[i + 1] - bq[i] for i in idx])
-        sk = torch.tensor([bk[i] for i in idx])
-        lk = torch.tensor([bk[i + 1] - bk[i] for i in idx])
-        n, big_q, big_k = len(idx), int(lq.max()), int(lk.max())
-        rows_q, valid_q = _padded_rows(sq, lq, big_q)
-        source[rows_q[valid_q]] = (offset + torch.arange(n * big_q).view(n, big_q))[valid_q]
-        rows_k, _ = _padded_rows(sk, lk, big_k)
-        qb, kb, vb = _gather(q, rows_q), _gather(k, rows_k), _gather(v, rows_k)
-        slopes = opts.alibi
-        if slopes is not None and slopes.dim() == 2:
-            slopes = slopes[torch.tensor(idx, device=slopes.device)]
-        out_b, lse_b = _bucket_attention(qb, kb, vb, lq, lk, slopes, opts, explicit)
-        outs.append(out_b.reshape(n * big_q, h, dv))
-        if lse_b is not None:
-            lses.append(lse_b.permute(0, 2, 1).reshape(n * big_q, h))
-        offset += n * big_q
-    source[source < 0] = offset  # the zero row
-    src = source.to(q.device)
-    out = torch.cat([*outs, q.new_zeros((1, h, dv))]).index_select(0, src)
-    if not outs and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        out = out + 0 * (q.sum() + k.sum() + v.sum())  # nothing to attend: zeros, still on the graph
-    lse = None
-    if opts.want_lse:
-        inf_row = torch.full((1, h), math.inf, dtype=torch.float32, device=q.device)
-        lse = torch.cat([*lses, inf_row]).index_select(0, src).t().contiguous()
-    return out, lse
-
-
-def _padded_rows(starts: Tensor, lens: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    """(n, width) source rows of each right-padded sequence (padding repeats its first row)."""
-    ar = torch.arange(width).view(1, -1)
-    valid = ar < lens.view(-1, 1)
-    rows = torch.where(valid, starts.view(-1, 1) + ar, starts.view(-1, 1))
-    return rows, valid
-
-
-def _gather(x: Tensor, rows: Tensor) -> Tensor:
-    """(n, width, ...) copy of the given rows of x; one sequence is a zero-copy slice."""
-    n, width = rows.shape
-    if n == 1:
-        start = int(rows[0, 0])
-        return x[start : start + width].unsqueeze(0)
-    return x.index_select(0, rows.flatten().to(x.device)).view(n, width, *x.shape[1:])
-
-
-def _bucket_attention(
-    qb: Tensor,
-    kb: Tensor,
-    vb: Tensor,
-    lq: Tensor,
-    lk: Tensor,
-    slopes: Tensor | None,
-    opts: _Options,
-    explicit: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """One batched call over right-padded sequences (lq/lk on the host); padded query rows are dropped."""
-    big_q, big_k = qb.shape[1], kb.shape[1]
-    if bool((lq == big_q).all()) and bool((lk == big_k).all()):  # no padding: dense semantics
-        res = attention(
-            qb, kb, vb, scale=opts.scale, left=opts.left, right=opts.right, dropout_p=opts.dropout_p,
-            softcap=opts.softcap, alibi_slopes=slopes, want_lse=opts.want_lse, explicit=explicit,
-        )  # fmt: skip
-        return res.out, res.lse
-    self_causal = opts.left < 0 and opts.right == 0 and bool((lq == lk).all())
-    if self_causal and slopes is None and not explicit:
-        # Top-left == bottom-right when Lq == Lk, and padded keys come after every real query.
-        return _sdpa(qb, kb, vb, scale=opts.scale, dropout_p=opts.dropout_p, is_causal=True), None
-    lq, lk = lq.to(qb.device), lk.to(qb.device)
-    mask, row_ok = _padding_mask(lq, lk, big_q, big_k, opts.left, opts.right)
-    shift = lk - lq
-    bias = _alibi_bias(slopes, big_q, big_k, shift, qb.device) if slopes is not None else None
-    if explicit:
-        res = explicit_attention(
-            qb, kb, vb, opts.scale, opts.dropout_p, opts.softcap, mask, bias, row_ok, False
-        )
-        return res.out, res.lse
-    return masked_sdpa(qb, kb, vb, opts.scale, opts.dropout_p, mask, bias, row_ok), None
-
-
-def _padding_mask(
-    lq: Tensor, lk: Tensor, big_q: int, big_k: int, left: int, right: int
-) -> tuple[Tensor, Tensor | None]:
-    """Bool (n, 1, Lq|1, Lk) mask of right-padded sequences, bottom-right aligned per sequence.
-
-    Rows that see no key (``row_ok`` False) are opened to every key and zeroed afterwards, so no
-    softmax row is empty: no NaN forward or backward.
-    """
-    n = lq.shape[0]
-    cols = torch.arange(big_k, device=lq.device).view(1, 1, big_k)
-    mask = cols < lk.view(n, 1, 1)
-    if left < 0 and right < 0:
-        return mask.unsqueeze(1), None  # key padding only: every row sees key 0
-    rows = torch.arange(big_q, device=lq.device).view(1, big_q, 1)
-    diag = rows + (lk - lq).view(n, 1, 1)
-    if right >= 0:
-        mask = mask & (cols <= diag + right)
-    if left >= 0:
-        mask = mask & (cols >= diag - left)
-    mask = mask.unsqueeze(1)
-    row_ok = mask.any(dim=-1, keepdim=True)
-    return mask | ~row_ok, row_ok

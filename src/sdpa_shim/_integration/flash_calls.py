@@ -1,0 +1,173 @@
+"""Attention calls of models kept on the flash path, each served by the route it needs (4.56+).
+
+``registry`` sends every "flash_attention_2" call of a served model here. The call is described by its
+shapes and keywords (``_runtime.routes.CallFacts``), the rule picks a route, and this module runs it
+with transformers' own functions wherever they compute the answer: its SDPA function for dense and
+padded calls (what plain "sdpa" runs, with the mask built once per forward), its flash code for
+varlen work (packed rows get their ``cu_seqlens`` derived once per forward). Every route runs under
+the SDPA backend policy. The numbers equal the flash path's: padded query rows come back as zeros, as
+flash-attn leaves them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .._runtime import backends as _backends
+from .._runtime import forward_meta as _meta
+from .._runtime import routes as _routes
+
+logger = logging.getLogger(__name__)
+
+Attention = Callable[..., Any]
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class RouteError(Exception):
+    """The shim's own fault while choosing a route; nothing ran yet (``__cause__`` says what)."""
+
+
+#: Keywords only transformers' flash code honours (continuous batching, paged caches, softcap, sinks,
+#: varlen bounds a collator or a vision tower computed).
+FLASH_ONLY = (
+    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "softcap", "s_aux",
+    "cache", "read_index", "write_index", "logits_indices", "block_table", "k_cache", "v_cache",
+)  # fmt: skip
+
+
+def serve(
+    flash: Attention,
+    sdpa: Attention,
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    kwargs: dict[str, Any],
+) -> Any:
+    """One attention call of a served model ((B, H, L, D) in, (B, L, H, D) out, like transformers').
+
+    Raises ``RouteError`` (before anything ran) when the route cannot be chosen: the caller then takes
+    transformers' flash code. Errors of the attention itself propagate."""
+    try:
+        route, packed = _route(module, query, key, attention_mask, kwargs)
+    except Exception as error:
+        raise RouteError("the route could not be chosen") from error
+    _routes.count(route)
+    if route is _routes.Route.DENSE:
+        return _backends.dispatch(sdpa, module, query, key, value, None, **kwargs)
+    if route is _routes.Route.PADDED_SDPA:
+        return _padded_sdpa(sdpa, module, query, key, value, attention_mask, kwargs)
+    if route is _routes.Route.PADDED_VARLEN:
+        return _padded_varlen(module, query, key, value, attention_mask, kwargs)
+    if route is _routes.Route.PACKED and packed is not None:
+        kwargs = {
+            **kwargs,
+            "cu_seq_lens_q": packed.cu_seqlens,
+            "cu_seq_lens_k": packed.cu_seqlens,
+            "max_length_q": packed.max_len,
+            "max_length_k": packed.max_len,
+            "position_ids": None,  # the bounds are given: no per-layer packed-row check
+        }
+    return _backends.dispatch(flash, module, query, key, value, attention_mask, **kwargs)
+
+
+def _route(
+    module: Any, query: Any, key: Any, attention_mask: Any, kwargs: dict[str, Any]
+) -> tuple[_routes.Route, _meta.Packed | None]:
+    """Describe the call (shapes and keywords; tensors read once per forward at most) and ask the rule."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    window = kwargs.get("sliding_window")
+    flash_only = any(kwargs.get(name) is not None for name in FLASH_ONLY)
+    masked = attention_mask is not None
+    if masked and attention_mask.dim() != 2:
+        flash_only = True  # not a 2D padding mask: transformers' flash code says what it makes of it
+    packed = None
+    if not (flash_only or masked) and query.shape[0] == 1 and q_len > 1:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None and position_ids.shape[0] == 1:
+            packed = _meta.packed_rows(position_ids)
+    facts = _routes.CallFacts(
+        device=query.device.type,
+        half=query.dtype in _HALF,
+        q_len=q_len,
+        kv_len=kv_len,
+        masked=masked,
+        flash_only=flash_only,
+        packed_row=packed is not None,
+        windowed_without_mask=bool(window) and kv_len > int(window),
+        mask_covers_keys=not masked or attention_mask.shape[-1] == kv_len,
+    )
+    route = _routes.choose(facts)
+    if route is _routes.Route.PADDED_VARLEN:  # worth it only with enough padding: read once per forward
+        share = 1.0 - _meta.unpadded(attention_mask).total / max(attention_mask.numel(), 1)
+        route = _routes.choose(dataclasses.replace(facts, padding_share=share))
+    return route, packed
+
+
+def _causal(module: Any, kwargs: dict[str, Any]) -> bool:
+    causal = kwargs.get("is_causal")
+    return bool(getattr(module, "is_causal", True) if causal is None else causal)
+
+
+def _window(kwargs: dict[str, Any], kv_len: int) -> int | None:
+    """flash-attn's window as transformers asks for it: only when the keys outgrow it."""
+    window = kwargs.get("sliding_window")
+    return int(window) if window and kv_len > int(window) else None
+
+
+def _padded_sdpa(
+    sdpa: Attention, module: Any, query: Any, key: Any, value: Any, mask_2d: Any, kwargs: dict[str, Any]
+) -> Any:
+    """transformers' SDPA function with the flash path's padding semantics as a boolean mask."""
+    q_len = query.shape[2]
+    padding = _meta.padding(
+        mask_2d, q_len, _causal(module, kwargs), _window(kwargs, key.shape[2]), query.dtype
+    )
+    if key.shape[2] != padding.key_len:  # a static cache longer than the mask: unused slots
+        key, value = key[:, :, : padding.key_len], value[:, :, : padding.key_len]
+    call = {**kwargs, "is_causal": False}  # causality is in the mask
+    out, weights = _backends.dispatch(sdpa, module, query, key, value, padding.mask, **call)
+    if padding.keep_rows is not None:
+        out = out * padding.keep_rows
+    return out, weights
+
+
+def _padded_varlen(
+    module: Any, query: Any, key: Any, value: Any, mask_2d: Any, kwargs: dict[str, Any]
+) -> Any:
+    """Padded prefill as packed rows: tokens gathered with indices derived once per forward, run
+    through the varlen engine, and put back (padding rows zero), as transformers' flash code does
+    without its per-layer host reads."""
+    from .._runtime.varlen import varlen_attention
+
+    batch, _, length, _ = query.shape
+    unpadded = _meta.unpadded(mask_2d)
+    rows, cols = unpadded.rows, unpadded.cols
+
+    def gather(x: Any) -> Any:
+        return x[rows, :, cols]  # (total, heads, dim)
+
+    window = _window(kwargs, key.shape[2])
+    causal = _causal(module, kwargs)
+    out = varlen_attention(
+        gather(query),
+        gather(key),
+        gather(value),
+        unpadded.cu_seqlens,
+        unpadded.cu_seqlens,
+        unpadded.max_len,
+        unpadded.max_len,
+        scale=kwargs.get("scaling"),
+        causal=causal,
+        window=(window - 1, 0 if causal else window - 1) if window else (-1, -1),
+        dropout_p=float(kwargs.get("dropout") or 0.0),
+    )
+    full = out.new_zeros(batch, length, *out.shape[1:])
+    full[rows, cols] = out
+    return full, None

@@ -1,0 +1,95 @@
+"""Which kernel route one attention call of a served model takes: the rule, in one place.
+
+A model the shim serves reads "flash_attention_2" for every check in transformers and its clients, but
+each attention call is served by what it actually is (``choose``, pure). The measurements behind the
+rule are in BENCHMARKS.md ("per-call routes"):
+
+- continuous batching, paged caches, softcap, attention sinks, collator ``cu_seqlens`` (vision
+  towers, ``DataCollatorWithFlattening``): ``FLASH_CODE``, transformers' own flash code on the varlen
+  engine; the only route that honours all of them.
+- a packed row (``position_ids`` restarting, no mask): ``PACKED``, the same flash code handed the
+  row's ``cu_seqlens`` derived once per forward, so no layer reads lengths on the host.
+- no padding, whole sequences (or one query token): ``DENSE``, transformers' SDPA function, exactly
+  what plain "sdpa" runs.
+- a padded batch: ``PADDED_SDPA``, transformers' SDPA function with a boolean mask built once per
+  forward (what plain "sdpa" runs; a decode step over a padded cache never unpads), or, for prefill
+  of fp16/bf16 on CUDA with enough padding to skip, ``PADDED_VARLEN``: tokens gathered once per
+  layer with indices derived once per forward and run through torch's FA2 varlen kernel.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+
+
+class Route(str, enum.Enum):
+    """A per-call route; the value is the name counters and DEBUG logs use."""
+
+    FLASH_CODE = "flash_code"
+    PACKED = "packed"
+    DENSE = "dense"
+    PADDED_SDPA = "padded_sdpa"
+    PADDED_VARLEN = "padded_varlen"
+
+
+#: Padded prefill takes the varlen route from this share of padding tokens on (CUDA, fp16/bf16):
+#: below it the masked SDPA call costs less than gathering and scattering every token per layer.
+PADDED_VARLEN_FROM_PADDING = 0.25
+#: ... and from this many query tokens per row (shorter prefills are host-bound either way).
+PADDED_VARLEN_FROM_LENGTH = 256
+
+#: Calls per route since the last ``reset_counts`` (tests observe which route ran); keys are routes,
+#: which compare equal to their names.
+COUNTS: collections.Counter[Route] = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class CallFacts:
+    """What the rule needs to know about one call (shapes and keywords; no tensor values)."""
+
+    device: str
+    half: bool
+    q_len: int
+    kv_len: int
+    masked: bool  # a 2D padding mask was passed (transformers passes None when nothing is padded)
+    flash_only: bool  # continuous batching, paged cache, softcap, sinks, collator cu_seqlens
+    packed_row: bool  # position_ids of one row restart (found once per forward)
+    windowed_without_mask: bool = False  # sliding window on an unmasked call: the dense path lacks it
+    mask_covers_keys: bool = True  # the padding mask spans every key (not a static cache's slots)
+    padding_share: float = 1.0  # share of padding tokens: read (once per forward) only where it matters
+
+
+def choose(facts: CallFacts) -> Route:
+    """The route for one call (pure)."""
+    if facts.flash_only:
+        return Route.FLASH_CODE
+    if facts.masked:
+        if facts.mask_covers_keys and prefers_varlen_for_padding(facts):
+            return Route.PADDED_VARLEN
+        return Route.PADDED_SDPA
+    if facts.packed_row:
+        return Route.PACKED
+    if facts.windowed_without_mask or facts.q_len not in (1, facts.kv_len):
+        return Route.FLASH_CODE  # bottom-right causal with a cache offset, or a window: flash-attn's own
+    return Route.DENSE
+
+
+def prefers_varlen_for_padding(facts: CallFacts) -> bool:
+    """Padded prefill worth unpadding: CUDA half precision, long rows, much padding, no cached keys."""
+    return (
+        facts.device == "cuda"
+        and facts.half
+        and facts.q_len == facts.kv_len
+        and facts.q_len >= PADDED_VARLEN_FROM_LENGTH
+        and facts.padding_share >= PADDED_VARLEN_FROM_PADDING
+    )
+
+
+def count(route: Route) -> None:
+    COUNTS[route] += 1
+
+
+def reset_counts() -> None:
+    COUNTS.clear()
