@@ -120,6 +120,82 @@ def test_every_module_is_in_a_layer():
         layer_of(module)  # raises ValueError for a module outside the declared layers
 
 
+#: The one module that patches: it owns the wrapper type, the patch primitives and the undo stack.
+LEDGER = "sdpa_shim._integration.ledger"
+#: Modules still patching with their own undo, to be converted to the ledger by their owner (the
+#: attention entries and the flash path, issue 17's runtime half); remove each once it is converted.
+PATCHES_OUTSIDE_THE_LEDGER = {
+    "sdpa_shim._integration.registry",
+    "sdpa_shim._integration.flash_paths",
+}
+
+#: Statements that look like patching but change the shim's own objects, each with why.
+OWN_OBJECTS = {
+    # the import system stamps the flash_attn alias spec on sdpa_shim.standin; the finder puts its own back
+    ("sdpa_shim._integration.standin_import", "module.__spec__ = ..."),
+}
+
+
+def patching_statements(source: str) -> list[str]:
+    """Statements that change another object's attributes the way patching does: ``setattr``/``delattr``
+    calls, and assignments to a dunder attribute (``cls.__init__ = ...``) of anything but a function
+    defined in the same scope (``f.__wrapped__ = ...`` on one's own helper is not patching)."""
+    found: list[str] = []
+    for scope in ast.walk(ast.parse(source)):
+        body = getattr(scope, "body", None)
+        if not isinstance(body, list):
+            continue
+        local_functions = {
+            node.name for node in ast.walk(scope) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        }
+        for node in ast.walk(scope):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("setattr", "delattr")
+            ):
+                found.append(f"line {node.lineno}: {node.func.id}(...)")
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            for target in targets:
+                if (
+                    isinstance(target, ast.Attribute)
+                    and target.attr.startswith("__")
+                    and not (isinstance(target.value, ast.Name) and target.value.id in local_functions)
+                ):
+                    found.append(f"line {node.lineno}: {ast.unparse(target)} = ...")
+    return sorted(set(found))
+
+
+def test_only_the_ledger_patches():
+    """Every change to transformers' (or torch's) objects goes through the ledger, so deactivate undoes it."""
+    patching = {
+        name: statements
+        for name, path in _modules().items()
+        if name != LEDGER and name not in PATCHES_OUTSIDE_THE_LEDGER
+        for statements in [
+            [
+                found
+                for found in patching_statements(path.read_text(encoding="utf-8"))
+                if (name, found.partition(": ")[2]) not in OWN_OBJECTS
+            ]
+        ]
+        if statements
+    }
+    assert not patching, f"patching outside {LEDGER}: {patching}"
+
+
+def test_the_patch_finder_finds_planted_patches():
+    planted = (
+        "def install(module, cls, wrapper):\n"
+        "    setattr(module, 'get_imports', wrapper)\n"
+        "    cls.__init__ = wrapper\n"
+        "    def helper():\n"
+        "        pass\n"
+        "    helper.__wrapped__ = wrapper\n"
+    )
+    assert patching_statements(planted) == ["line 2: setattr(...)", "line 3: cls.__init__ = ..."]
+
+
 @pytest.mark.parametrize("cycle", [{"a": {"b"}, "b": {"a"}, "c": set()}])
 def test_the_cycle_finder_finds_a_planted_cycle(cycle):
     assert find_cycles(cycle) == [["a", "b"]]

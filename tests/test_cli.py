@@ -204,10 +204,10 @@ def test_version(capsys):
 
 
 def _doctor_with_transformers(monkeypatch, capsys, version: str) -> tuple[int, str]:
-    from sdpa_shim._surfaces import doctor as _doctor
+    from sdpa_shim._surfaces import doctor_system
 
-    real = _doctor._versions
-    monkeypatch.setattr(_doctor, "_versions", lambda: {**real(), "transformers": version})
+    real = doctor_system.versions
+    monkeypatch.setattr(doctor_system, "versions", lambda: {**real(), "transformers": version})
     return doctor(capsys)
 
 

@@ -226,10 +226,10 @@ def test_llava_load_is_one_warning_naming_the_top_level_class(tmp_path, shim_rec
 
 def _hooked(function):
     """``function`` wrapped the way the shim wraps transformers' methods."""
-    from sdpa_shim._integration.patch import _guarded
-    from sdpa_shim._state import wrapper_type
+    from sdpa_shim._integration.guard import guarded
+    from sdpa_shim._integration.ledger import make_wrapper
 
-    return wrapper_type()(function, _guarded(lambda instance, args, kwargs: None, function.__name__))
+    return make_wrapper(function, guarded(lambda instance, args, kwargs: None, function.__name__))
 
 
 def _warns(stacklevel: int) -> None:
@@ -273,7 +273,7 @@ def test_a_hooked_method_warning_follows_the_users_filters():
 def test_overlapping_catch_warnings_of_another_thread_heals_itself():
     """Before 3.14 ``catch_warnings`` is process-wide: an overlap that leaves the shim's catcher installed
     puts the user's filters and ``showwarning`` back at the next warning, which is shown."""
-    from sdpa_shim._integration.patch import _CallerWarnings
+    from sdpa_shim._integration.guard import _CallerWarnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

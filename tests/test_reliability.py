@@ -107,7 +107,7 @@ def test_fault_in_packed_check_falls_back_to_plain_sdpa(monkeypatch, caplog):
             "patching transformers.modeling_utils",
         ),
         (
-            "import sdpa_shim._integration.patch as p\ndef boom(*a):\n    raise RuntimeError('injected')\np._install = boom\n",
+            "import sdpa_shim._integration.hooks as h\ndef boom(*a):\n    raise RuntimeError('injected')\nh.install = boom\n",
             "patching transformers.modeling_utils",
         ),
     ],
@@ -194,10 +194,11 @@ print("debug", any("can run here" in r.getMessage() for r in records))
 
 def _wrapped_once() -> bool:
     """Every method the shim patched is one wrapper directly around transformers' original."""
-    from sdpa_shim._integration import patch as _patch
+    from sdpa_shim._integration import ledger
 
-    return bool(_patch._originals) and all(
-        vars(owner)[name].__wrapped__ is original for (owner, name), original in _patch._originals.items()
+    hooked = ledger.changes("hooks")
+    return bool(hooked) and all(
+        vars(change.target())[change.name].__wrapped__ is change.original for change in hooked
     )
 
 
@@ -232,7 +233,7 @@ def test_threads_building_at_once(shim_records):
 
 
 def test_activate_deactivate_racing_loads():
-    from sdpa_shim._integration import patch as _patch
+    from sdpa_shim._integration import ledger
 
     sdpa_shim.deactivate()
     registry = getattr(transformers.modeling_utils, "ALL_ATTENTION_FUNCTIONS", None)
@@ -269,7 +270,7 @@ def test_activate_deactivate_racing_loads():
         assert registry["sdpa"].__wrapped__ is original_sdpa
     # ... or, after deactivate, fully original
     sdpa_shim.deactivate()
-    assert not _patch._originals
+    assert not ledger.changes()
     assert all(vars(transformers.modeling_utils.PreTrainedModel)[k] is v for k, v in untouched.items())
     if registry is not None:
         assert registry["sdpa"] is original_sdpa

@@ -354,8 +354,8 @@ def test_flash_request_works_and_warns_with_sdpa_shim_1(install, tiny_model_dir)
         pytest.skip("needs an unusable flash-attn and a transformers release the core hooks")
     check = LOAD_FLASH + textwrap.dedent("""
         import sdpa_shim  # a later import must not activate or wrap a second time
-        from sdpa_shim._integration import patch as _patch
-        wrappers = [vars(owner)[name] for owner, name in _patch._originals]
+        from sdpa_shim._integration import ledger
+        wrappers = [vars(c.target())[c.name] for c in ledger.changes("hooks")]
         print("wrapped:", len(wrappers) > 0, "double wrapped:", any(isinstance(w.__wrapped__, type(w)) for w in wrappers))
         print("activated at start:", sdpa_shim._surfaces.startup.activated_at_startup())
     """)

@@ -1,6 +1,6 @@
 """The shim's shared state, at the bottom of the import graph: the on/off flag, its lock, the wrapper type.
 
-Every layer above reads ``is_active()``; only ``_integration.patch`` (activation) changes it. Keeping the
+Every layer above reads ``is_active()``; only activation (``activate``/``deactivate``) changes it. Keeping the
 state here, apart from the code that orchestrates activation, lets the integration modules ask "is the shim
 on?" without importing the orchestrator, so imports run one way. Stdlib only: importing it costs nothing.
 """
@@ -8,10 +8,6 @@ on?" without importing the orchestrator, so imports run one way. Stdlib only: im
 from __future__ import annotations
 
 import _thread
-
-#: The transformers modules whose import the shim waits for.
-MODELING_UTILS = "transformers.modeling_utils"
-DYNAMIC_MODULE_UTILS = "transformers.dynamic_module_utils"
 
 #: Held while the shim (de)activates or installs its wrappers; re-entrant because installing may import.
 lock = _thread.RLock()
@@ -25,7 +21,7 @@ def is_active() -> bool:
 
 
 def set_active(active: bool) -> None:
-    """Only ``_integration.patch`` calls this, holding ``lock``."""
+    """Only activation calls this, holding ``lock``."""
     global _active
     _active = active
 
@@ -34,14 +30,14 @@ def wrapper_type() -> type:
     """``wrapt.FunctionWrapper`` subclass marking the shim's wrappers (double wrapping = isinstance).
 
     Created on first use: importing wrapt costs tens of milliseconds, paid only once transformers is imported.
+    The patching ledger (``_integration.ledger``) is the one user; the type lives down here only because
+    the attention entries and the flash path still check it themselves.
     """
     global _wrapper_type
     if _wrapper_type is None:
         import wrapt
 
-        _wrapper_type = type(
-            "ShimWrapper", (wrapt.FunctionWrapper,), {"__module__": "sdpa_shim._integration.patch"}
-        )
+        _wrapper_type = type("ShimWrapper", (wrapt.FunctionWrapper,), {"__module__": __name__})
     return _wrapper_type
 
 

@@ -1,4 +1,5 @@
-"""Pure decisions: settings, flash-attn detection, the SDPA probe, the policy, the decision log, faults.
+"""Pure decisions and shared facts: names, versions, settings, flash-attn detection, the SDPA probe, the
+policy, the decision log, faults.
 
 Nothing here imports transformers, nor torch at module level. Every layer above depends on this one.
 """

@@ -13,6 +13,12 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from .faults import one_line
+from .names import FLASH_ATTENTION_2, FLASH_ATTN
+from .versions import version_tuple
+
+__all__ = ["PACKAGES", "FlashStatus", "clear_cache", "flash_status", "version_tuple"]
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,7 +44,7 @@ class _Package:
 
 
 PACKAGES: dict[str, _Package] = {
-    "flash_attention_2": _Package("flash-attn", "flash_attn", ("flash-attn", "flash_attn"), (8, 0)),
+    FLASH_ATTENTION_2: _Package("flash-attn", FLASH_ATTN, ("flash-attn", "flash_attn"), (8, 0)),
     "flash_attention_3": _Package(
         "flash-attn 3", "flash_attn_interface", ("flash-attn-3", "flash_attn_3"), (8, 0)
     ),
@@ -120,8 +126,7 @@ def _import_error(module: str) -> str:
     except BaseException as exc:  # a broken extension can raise anything, SystemExit included
         if isinstance(exc, KeyboardInterrupt):
             raise
-        text = str(exc).strip().splitlines()
-        return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        return one_line(exc)
     return ""
 
 
@@ -151,20 +156,3 @@ def transformers_minimum_flash_attn_version() -> str:
     except importlib.metadata.PackageNotFoundError:
         return "2.1.0"
     return "2.3.3" if version_tuple(transformers_version) >= (5, 4) else "2.1.0"
-
-
-def version_tuple(text: str) -> tuple[int, ...]:
-    """Leading numeric parts of a version string: "2.7.4.post1" -> (2, 7, 4)."""
-    parts: list[int] = []
-    for piece in text.split("+")[0].split("."):
-        digits = ""
-        for char in piece:
-            if not char.isdigit():
-                break
-            digits += char
-        if not digits:
-            break
-        parts.append(int(digits))
-        if digits != piece:
-            break
-    return tuple(parts)

@@ -28,6 +28,12 @@ def report(where: str, error: BaseException, consequence: str) -> None:
         get_logger().debug("internal error in %s again (%s: %s)", where, *key)
 
 
+def one_line(error: BaseException) -> str:
+    """ "Type: first line of the message" (or just the type): how every error is quoted to users."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def clear() -> None:
     """Forget reported faults (tests)."""
     with _lock:

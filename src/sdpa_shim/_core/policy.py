@@ -7,17 +7,35 @@ patching layer stays a thin adapter.
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .detect import FlashStatus
+from .names import FLASH_ATTENTION_2
 from .settings import Settings
 
 #: ``Decision.chosen`` when the model keeps transformers' flash code paths, run on PyTorch kernels.
 FLASH_PATH = "transformers' flash path on PyTorch kernels"
 #: The name the config then reads: transformers' flash paths and every ``== "flash_attention_2"`` check.
-SERVED_IMPLEMENTATION = "flash_attention_2"
+SERVED_IMPLEMENTATION = FLASH_ATTENTION_2
+
+
+class Kind(str, enum.Enum):
+    """What a decision chose, as code compares it (``Decision.chosen`` is the sentence the log shows).
+
+    A ``str`` enum: ``Kind.SDPA == "sdpa"``, so the attention entries' marks ("sdpa", "eager",
+    "flash") and ``Kind`` values are interchangeable.
+    """
+
+    FLASH = "flash"  # transformers' flash path on PyTorch kernels
+    SDPA = "sdpa"
+    EAGER = "eager"
+
+    def __str__(self) -> str:
+        return self.value
+
 
 _FLASH_REQUEST = re.compile(r"^(?P<prefix>paged\|)?(?P<impl>flash_attention_[234])$")
 _HALF_DTYPES = frozenset({"float16", "bfloat16"})
@@ -41,12 +59,23 @@ class ModelFacts:
 
 @dataclass(frozen=True)
 class Decision:
-    """One downgrade: model class, what was requested, what was chosen, and why."""
+    """One downgrade: model class, what was requested, what was chosen, and why.
+
+    ``chosen`` is what the WARNING says ("sdpa", "paged|eager", or ``FLASH_PATH``); ``kind`` is the
+    same choice as a ``Kind`` for code to compare.
+    """
 
     model: str
     requested: str
     chosen: str
     reason: str
+
+    @property
+    def kind(self) -> Kind:
+        """``Kind.FLASH``, ``Kind.SDPA`` or ``Kind.EAGER`` (a ``paged|`` prefix does not change it)."""
+        if self.chosen == FLASH_PATH:
+            return Kind.FLASH
+        return Kind(self.chosen.removeprefix("paged|"))
 
 
 def flash_implementation(requested: object) -> str | None:

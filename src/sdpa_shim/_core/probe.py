@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from .faults import one_line
+
 logger = logging.getLogger(__name__)
 
 _cache: dict[tuple[str, str], str] = {}
@@ -20,7 +22,7 @@ def sdpa_error(device_type: str, dtype_name: str) -> str:
     key = (device_type, dtype_name)
     with _lock:
         if key not in _cache:
-            _cache[key] = _run_probe(device_type, dtype_name)
+            _cache[key] = run_probe(device_type, dtype_name)
             logger.debug("SDPA probe on %s/%s: %s", device_type, dtype_name, _cache[key] or "ok")
         return _cache[key]
 
@@ -31,17 +33,28 @@ def clear_cache() -> None:
         _cache.clear()
 
 
-def _run_probe(device_type: str, dtype_name: str) -> str:
+def run_probe(device_type: str, dtype_name: str, backend: object = None) -> str:
+    """One tiny causal SDPA call, uncached ("" or the error); ``backend``: an ``SDPBackend`` to force
+    (``doctor`` tries each), None for torch's own choice (what a downgraded model gets)."""
     try:
         import torch
         import torch.nn.functional as F
 
         dtype = getattr(torch, dtype_name)
         q = torch.randn(1, 2, 4, 8, device=device_type, dtype=dtype)
-        out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        if backend is None:
+            out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        else:
+            import warnings
+
+            from torch.nn.attention import sdpa_kernel
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch explains each refused kernel in a UserWarning
+                with sdpa_kernel(backend):
+                    out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
         if not bool(torch.isfinite(out).all()):
             return f"scaled_dot_product_attention returned non-finite values on {device_type}/{dtype_name}"
     except Exception as exc:
-        lines = str(exc).strip().splitlines()
-        return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+        return one_line(exc)
     return ""

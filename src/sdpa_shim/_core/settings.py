@@ -45,8 +45,6 @@ ENABLED_DEFAULT_TEXT = "the default (as if unset)"
 #: The logger every user-facing record comes from, and the prefix a record gets where no handler shows it.
 LOGGER = "sdpa_shim"
 PREFIX = "sdpa_shim: "
-#: The top-level start-up module (outside the package); it records the bad values it already reported.
-STARTUP_MODULE = "_sdpa_shim_startup"
 
 _warned: set[tuple[str, str]] = set()
 _warned_lock = _thread.allocate_lock()
@@ -92,9 +90,16 @@ def bad_value_message(name: str, raw: str, accepted: str, default: str) -> str:
 
 
 def _already_reported_at_startup(name: str, raw: str) -> bool:
-    """True when the start-up file printed this bad value in this process already (same words)."""
-    startup = sys.modules.get(STARTUP_MODULE)
-    return (name, raw) in getattr(startup, "reported", ())
+    """True when the start-up file printed this bad value in this process already (same words).
+
+    The start-up module lives outside the package (importing it runs nothing: ``main`` is what the
+    ``.pth``/``.start`` line calls), so importing it here is cheap and never activates anything.
+    """
+    try:
+        from _sdpa_shim_startup import reported
+    except ImportError:  # a build without the start-up file: nothing was reported at start-up
+        return False
+    return (name, raw) in reported
 
 
 def _warn_bad_value(name: str, raw: str, accepted: str, default: str) -> None:
@@ -108,29 +113,57 @@ def _warn_bad_value(name: str, raw: str, accepted: str, default: str) -> None:
     get_logger(LOGGER).warning("%s", bad_value_message(name, raw, accepted, default))
 
 
-def parse_bool(name: str, raw: str | None, default: bool | None) -> bool | None:
-    """Parse a boolean env value; unset or empty gives ``default``."""
+#: Every variable: (accepted values, how messages spell them, what an invalid value means).
+VARIABLES: dict[str, tuple[frozenset[str], str, str]] = {
+    ENV_ENABLED: (TRUE_VALUES | FALSE_VALUES, BOOL_ACCEPTED, ENABLED_DEFAULT_TEXT),
+    ENV_FALLBACK: (frozenset(FALLBACK_VALUES), "/".join(FALLBACK_VALUES), "auto"),
+    ENV_BACKEND: (frozenset(BACKEND_VALUES), "/".join(BACKEND_VALUES), "auto"),
+    ENV_STANDIN: (TRUE_VALUES | FALSE_VALUES, BOOL_ACCEPTED, "off"),
+}
+
+
+def check(name: str, raw: str | None) -> tuple[str | None, bool]:
+    """(the normalised value or None when unset/empty/invalid, whether ``raw`` is valid). No warning.
+
+    The one parser of every variable: ``read_settings``, ``doctor``, ``sdpa-shim run`` and the start-up
+    entry all ask it (``_sdpa_shim_startup``, outside the package, repeats the ``SDPA_SHIM`` words).
+    """
     if raw is None or not raw.strip():
-        return default
+        return None, True
     value = raw.strip().lower()
-    if value in TRUE_VALUES:
-        return True
-    if value in FALSE_VALUES:
-        return False
-    shown = ENABLED_DEFAULT_TEXT if default is None else ("on" if default else "off")
-    _warn_bad_value(name, raw, BOOL_ACCEPTED, shown)
-    return default
+    return (value, True) if value in VARIABLES[name][0] else (None, False)
+
+
+def is_true(name: str, raw: str | None) -> bool:
+    """``raw`` is one of 1/true/on/yes (any case); no warning."""
+    return check(name, raw)[0] in TRUE_VALUES
+
+
+def is_false(name: str, raw: str | None) -> bool:
+    """``raw`` is one of 0/false/off/no (any case); no warning."""
+    return check(name, raw)[0] in FALSE_VALUES
+
+
+def _read(name: str, raw: str | None) -> str | None:
+    """``check``, warning once about an invalid value (in the words ``doctor`` uses too)."""
+    value, valid = check(name, raw)
+    if not valid:
+        _, accepted, default = VARIABLES[name]
+        _warn_bad_value(name, str(raw), accepted, default)
+    return value
+
+
+def parse_bool(name: str, raw: str | None, default: bool | None) -> bool | None:
+    """Parse a boolean env value; unset, empty or invalid gives ``default``."""
+    value = _read(name, raw)
+    return default if value is None else value in TRUE_VALUES
 
 
 def parse_choice(name: str, raw: str | None, choices: tuple[str, ...], default: str) -> str:
-    """Parse a value that must be one of ``choices`` (case-insensitive); unset or empty gives ``default``."""
-    if raw is None or not raw.strip():
-        return default
-    value = raw.strip().lower()
-    if value in choices:
-        return value
-    _warn_bad_value(name, raw, "/".join(choices), default)
-    return default
+    """Parse a value that must be one of ``choices`` (the variable's own, ``VARIABLES``); unset, empty or
+    invalid gives ``default``."""
+    value = _read(name, raw)
+    return default if value is None or value not in choices else value
 
 
 def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -142,11 +175,6 @@ def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
         backend=parse_choice(ENV_BACKEND, env.get(ENV_BACKEND), BACKEND_VALUES, "auto"),
         standin_everywhere=bool(parse_bool(ENV_STANDIN, env.get(ENV_STANDIN), False)),
     )
-
-
-def disabled_by_env() -> bool:
-    """True when ``SDPA_SHIM`` says off: the shim must then never act."""
-    return read_settings().enabled is False
 
 
 def reset_warnings() -> None:

@@ -1,5 +1,7 @@
 """Rewrites for bands A (4.36-4.45) and B (4.46-4.53), where the choke point is a classmethod.
 
+Which release hooks which of them is data: ``hooks.HOOKS``.
+
 Before 4.54 every entry point funnels into ``PreTrainedModel._autoset_attn_implementation(cls, config,
 use_flash_attention_2=False, ...)``, a *classmethod*: wrapt hands its wrapper the class being built as
 ``instance``, which is what ``downgrade_for`` wants (its class flags), together with the config (its dtype).
@@ -27,12 +29,12 @@ that class's facts.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
+from .._core.names import FLASH_ATTENTION_2
 from .._core.policy import flash_implementation
 from .resolve import downgrade_for
-from .rewrite import Args, Rewrite, replace_argument
+from .rewrite import Args, replace_argument
 
 AUTOSET = "_autoset_attn_implementation"
 #: The flag band B sets on a config once it has been validated (4.46-4.53).
@@ -101,9 +103,9 @@ def rewrite_autoset(cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     use_fa2 = args[1] if len(args) > 1 else kwargs.get(USE_FA2, False)
     if use_fa2:
         requested = _request_of(config)
-        if requested not in (None, "flash_attention_2"):
+        if requested not in (None, FLASH_ATTENTION_2):
             return None  # both spellings given: transformers raises its own "not compatible" ValueError
-        chosen = downgrade_for(cls, "flash_attention_2", config, _built_dtype(args, kwargs))
+        chosen = downgrade_for(cls, FLASH_ATTENTION_2, config, _built_dtype(args, kwargs))
         if chosen is None:
             return None
         config._attn_implementation_internal = _target(chosen)
@@ -154,7 +156,7 @@ def rewrite_removed_use_fa2(cls: Any, args: tuple[Any, ...], kwargs: dict[str, A
     config = (
         kwargs.get("config") if "config" in kwargs else (args[0] if args and _is_config(args[0]) else None)
     )
-    chosen = downgrade_for(cls, "flash_attention_2", config)
+    chosen = downgrade_for(cls, FLASH_ATTENTION_2, config)
     if chosen is None:
         return None
     new_kwargs = {key: value for key, value in kwargs.items() if key != USE_FA2}
@@ -164,37 +166,3 @@ def rewrite_removed_use_fa2(cls: Any, args: tuple[Any, ...], kwargs: dict[str, A
 
 def _is_config(value: Any) -> bool:
     return hasattr(value, "to_dict") and hasattr(value, "model_type")
-
-
-def _autoset_takes_use_fa2(model_class: type) -> bool:
-    raw = vars(model_class)[AUTOSET]
-    function = getattr(raw, "__func__", raw)
-    try:
-        return USE_FA2 in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return True
-
-
-def legacy_hooks_for(model_class: type) -> dict[str, Rewrite]:
-    """The band A/B rewrites for this ``PreTrainedModel`` (empty when it has no autoset classmethod)."""
-    defined = vars(model_class)
-    if AUTOSET not in defined:
-        return {}
-    hooks: dict[str, Rewrite] = {AUTOSET: rewrite_autoset}
-    if _has_autoset_flag(model_class):
-        hooks["__init__"] = rewrite_init
-    if not _autoset_takes_use_fa2(model_class):
-        hooks["from_pretrained"] = rewrite_removed_use_fa2
-        hooks["_from_config"] = rewrite_removed_use_fa2
-    return hooks
-
-
-def _has_autoset_flag(model_class: type) -> bool:
-    """Band B: does this release's ``__init__`` skip validation for a config with the autoset flag?
-
-    The flag's name is a string constant in ``__init__``'s code in 4.46-4.53 (read from the code object,
-    so it works without source files).
-    """
-    init = vars(model_class).get("__init__")
-    code = getattr(init, "__code__", None)
-    return code is not None and AUTOSET_FLAG in code.co_consts

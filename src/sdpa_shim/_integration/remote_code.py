@@ -33,48 +33,39 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-import weakref
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .. import _state
 from .._core import faults as _faults
 from .._core.detect import flash_status
+from .._core.names import FLASH_ATTN
+from .._core.versions import transformers_release
 from .._state import is_active
-from . import standin_import
+from . import ledger, standin_import
 from .remote_window import IMPLEMENTATION, clear, install_if_opted_in, loading, should_serve, standin_uses
 
 __all__ = ["clear", "install", "install_if_opted_in", "loading", "standin_uses", "uninstall"]
 
 logger = logging.getLogger(__name__)
 
-PACKAGE = "flash_attn"
-_MISSING = object()
+PACKAGE = FLASH_ATTN
+#: The ledger's name for this unit's changes.
+UNIT = "remote code"
 
 _lock = threading.RLock()
 _module: ModuleType | None = None  # the patched transformers.dynamic_module_utils
-_patched: dict[str, Any] = {}  # function name -> original
-_adopted: list[tuple[weakref.ref[type], Any]] = []  # (model class, its own __init__ or _MISSING)
 
 
 def install(dynamic_module_utils: ModuleType) -> None:
     """Wrap ``get_imports`` and ``get_class_in_module`` (idempotent); install the finder. Never raises."""
     global _module
     try:
-        wrapper_type = _state.wrapper_type()
         standin_import.install(should_serve)
         with _lock:
             _module = dynamic_module_utils
-            for name, wrapper in (
-                ("get_imports", _get_imports),
-                ("get_class_in_module", _get_class_in_module),
-            ):
-                current = getattr(dynamic_module_utils, name, None)
-                if current is None or isinstance(current, wrapper_type):
-                    continue
-                setattr(dynamic_module_utils, name, wrapper_type(current, wrapper))
-                _patched[name] = current
+            ledger.wrap(dynamic_module_utils, "get_imports", _get_imports, UNIT)
+            ledger.wrap(dynamic_module_utils, "get_class_in_module", _get_class_in_module, UNIT)
     except Exception as error:
         _faults.report(
             "patching transformers.dynamic_module_utils", error, "remote code loads as without the shim"
@@ -83,22 +74,7 @@ def install(dynamic_module_utils: ModuleType) -> None:
 
 def uninstall() -> None:
     """Put back the original functions and model ``__init__`` methods (identity-equal)."""
-    with _lock:
-        module = _module
-        while _patched:
-            name, original = _patched.popitem()
-            if module is not None and getattr(getattr(module, name, None), "__wrapped__", None) is original:
-                setattr(module, name, original)
-        while _adopted:
-            reference, own = _adopted.pop()
-            cls = reference()
-            if cls is None:
-                continue
-            if own is _MISSING:
-                if "__init__" in vars(cls):
-                    delattr(cls, "__init__")
-            else:
-                cls.__init__ = own  # type: ignore[misc]
+    ledger.undo(UNIT)
 
 
 def _get_imports(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -186,7 +162,7 @@ def _dtype_of_call(function: str, names: dict[str, Any]) -> str | None:
             requested = source.get("dtype") or source.get("torch_dtype")
             if requested is not None:
                 break
-    if requested is None and _release() >= _CONFIG_DTYPE_DEFAULT[function]:
+    if requested is None and (transformers_release() or (0, 0)) >= _CONFIG_DTYPE_DEFAULT[function]:
         requested = "auto"
     if requested == "auto":
         settings = getattr(names.get("config"), "__dict__", {})
@@ -194,15 +170,6 @@ def _dtype_of_call(function: str, names: dict[str, Any]) -> str | None:
     if requested is None or requested == "auto":
         return None
     return str(requested).removeprefix("torch.")
-
-
-def _release() -> tuple[int, int]:
-    """(major, minor) of the transformers in use; (0, 0) when unknown."""
-    version = str(getattr(sys.modules.get("transformers"), "__version__", "0.0")).split(".")
-    try:
-        return int(version[0]), int(version[1])
-    except (IndexError, ValueError):
-        return 0, 0
 
 
 def _plan(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -247,14 +214,11 @@ def _adopt(cls: Any) -> None:
     try:
         if not _is_model_class(cls):
             return
-        wrapper_type = _state.wrapper_type()
         with _lock:
-            own = vars(cls).get("__init__", _MISSING)
-            if isinstance(own, wrapper_type):
-                return
-            target = own if own is not _MISSING else _delegating_init(cls)
-            cls.__init__ = wrapper_type(target, _init_wrapper)
-            _adopted.append((weakref.ref(cls), own))
+            if "__init__" in vars(cls):
+                ledger.wrap(cls, "__init__", _init_wrapper, UNIT)
+            else:  # inherits its __init__: the undo deletes the one added here
+                ledger.wrap(cls, "__init__", _init_wrapper, UNIT, wrapped=_delegating_init(cls))
     except Exception as error:
         _faults.report(
             "preparing a remote model class", error, "its __init__ imports flash_attn as without the shim"

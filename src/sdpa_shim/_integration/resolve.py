@@ -1,7 +1,9 @@
-"""Glue between a model being built and the pure policy: gather facts, decide, record.
+"""Deciding: gather a model's facts, decide (pure policy), then mark and record. Nothing here serves calls.
 
-Faults raised here are caught by the hook that called (``_patch._guarded``): the request then passes
-through unchanged and one ERROR is logged.
+``preview`` is the decision a load would make, without acting on it: the hooks act on it
+(``choice_for``) and ``doctor`` shows it, so the two cannot disagree. Faults raised here are caught by
+the hook that called (``guard.guarded``): the request then passes through unchanged and one ERROR is
+logged.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from typing import Any, NamedTuple
 from .._core import decisions as _decisions
 from .._core import detect as _detect
 from .._core import probe as _probe
-from .._core.policy import FLASH_PATH, ModelFacts, decide, flash_implementation, served_name
-from .._core.settings import read_settings
-from .._state import MODELING_UTILS
+from .._core.names import MODELING_UTILS
+from .._core.policy import Decision, Kind, ModelFacts, decide, flash_implementation, served_name
+from .._core.settings import Settings, read_settings
 from . import packed_guard
 from . import registry as _attention
 
@@ -35,6 +37,14 @@ class Choice(NamedTuple):
     validate_as: str
 
 
+class Preview(NamedTuple):
+    """The decision a load would make for a request (``decision``), and what the hooked method then does
+    (``choice``): what the config reads and what transformers validates."""
+
+    decision: Decision
+    choice: Choice
+
+
 def downgrade_for(
     model_or_class: Any, requested: object, config: Any = None, dtype: Any = None
 ) -> str | None:
@@ -46,45 +56,65 @@ def downgrade_for(
 def choice_for(
     model_or_class: Any, requested: object, config: Any = None, dtype: Any = None
 ) -> Choice | None:
-    """The ``Choice`` for ``requested``, or None to pass it through unchanged.
+    """The ``Choice`` for ``requested``, or None to pass it through unchanged; marks and records it.
 
     ``model_or_class`` is the model being built (bands C-E) or its class (bands A-B); ``config``
     (the model's own config object: it is what marks the model as downgraded) defaults to
     ``model_or_class.config``; ``dtype``, when given, is the dtype the model will be built in and
     wins over the config's (bands A-B pass ``torch_dtype`` this way).
     """
-    implementation = flash_implementation(requested)
-    if implementation is None:
-        return None
-    assert isinstance(requested, str)
-    settings = read_settings()
-    if settings.enabled is False:
+    if flash_implementation(requested) is None:
         return None
     if config is None:
         config = getattr(model_or_class, "config", None)
-    if _attention.kind_of(config) == "flash":  # decided and announced already (a second validation)
+    if _attention.kind_of(config) == Kind.FLASH:  # decided and announced already (a second validation)
+        assert isinstance(requested, str)
+        if read_settings().enabled is False:
+            return None
         return Choice(served_name(requested, _registered_names()), "eager")
-    status = _detect.flash_status(implementation)
-    facts = model_facts(model_or_class, config, dtype)
-    decision = decide(requested, status, facts, settings, lambda: _probe.sdpa_error(*probe_target(facts)))
-    if decision is None:
-        logger.debug("%s: %s can run here; request left unchanged", facts.name, requested)
+    previewed = preview(model_or_class, requested, config, dtype)
+    if previewed is None:
         return None
-    if decision.chosen == FLASH_PATH:
-        _attention.mark(config, "flash")
-        choice = Choice(served_name(requested, facts.registered), "eager")
-    else:
-        kind = "sdpa" if decision.chosen.endswith("sdpa") else "eager"
-        _attention.mark(config, kind)
-        if kind == "eager" and not isinstance(model_or_class, type):  # 4.54+: the model being built
-            packed_guard.refuse_packed_rows(model_or_class)
-        choice = Choice(decision.chosen, decision.chosen)
+    decision, choice = previewed
+    _attention.mark(config, decision.kind)
+    if decision.kind is Kind.EAGER and not isinstance(model_or_class, type):  # 4.54+: the model being built
+        packed_guard.refuse_packed_rows(model_or_class)
     try:
         _decisions.record(decision)  # last: a fault before it leaves no WARNING about a change never made
     except Exception:
         _attention.forget(config)  # the call passes through unchanged: no later call may act on the mark
         raise
     return choice
+
+
+def preview(
+    model_or_class: Any,
+    requested: object,
+    config: Any = None,
+    dtype: Any = None,
+    settings: Settings | None = None,
+) -> Preview | None:
+    """The decision a load of ``model_or_class`` would make for ``requested`` now, or None (untouched).
+
+    Marks nothing and logs no WARNING: ``choice_for`` acts on it; ``doctor`` shows it (``settings``
+    lets it ask for each ``SDPA_SHIM_FALLBACK`` value).
+    """
+    implementation = flash_implementation(requested)
+    if implementation is None:
+        return None
+    assert isinstance(requested, str)
+    settings = read_settings() if settings is None else settings
+    if settings.enabled is False:
+        return None
+    status = _detect.flash_status(implementation)
+    facts = model_facts(model_or_class, config, dtype)
+    decision = decide(requested, status, facts, settings, lambda: _probe.sdpa_error(*probe_target(facts)))
+    if decision is None:
+        logger.debug("%s: %s can run here; request left unchanged", facts.name, requested)
+        return None
+    if decision.kind is Kind.FLASH:
+        return Preview(decision, Choice(served_name(requested, facts.registered), "eager"))
+    return Preview(decision, Choice(decision.chosen, decision.chosen))
 
 
 def model_facts(model_or_class: Any, config: Any = None, dtype: Any = None) -> ModelFacts:

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 
-from .._core.settings import ENV_ENABLED, FALSE_VALUES
+from .._core.settings import ENV_ENABLED, is_false
 from .._version import __version__
 
 _RUN_USAGE = "%(prog)s [-h] -- COMMAND [ARGS ...]"
@@ -115,7 +115,7 @@ def command_environment(environ: dict[str, str] | None = None) -> dict[str, str]
 def shim_switched_off(environ: dict[str, str] | None = None) -> bool:
     """True when ``SDPA_SHIM`` is 0/false/off/no: it wins over ``run``, as over ``import sdpa_shim``."""
     env = os.environ if environ is None else environ
-    return env.get(ENV_ENABLED, "").strip().lower() in FALSE_VALUES
+    return is_false(ENV_ENABLED, env.get(ENV_ENABLED))
 
 
 def run(command: list[str]) -> int:

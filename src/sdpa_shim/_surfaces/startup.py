@@ -16,7 +16,7 @@ import os
 import site
 import sys
 
-from .._core.settings import ENV_ENABLED, TRUE_VALUES, get_logger
+from .._core.settings import ENV_ENABLED, get_logger, is_true
 
 TYPE_CHECKING = False  # on the start-up path: only os, site and sys (already loaded) at run time
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ _activated_at_startup = False
 def requested(environ: Mapping[str, str] | None = None) -> bool:
     """True when ``SDPA_SHIM`` asks for start-up activation (1/true/on/yes, any case, no warning)."""
     env = os.environ if environ is None else environ
-    return env.get(ENV_ENABLED, "").strip().lower() in TRUE_VALUES
+    return is_true(ENV_ENABLED, env.get(ENV_ENABLED))
 
 
 def activate() -> bool:
