@@ -87,7 +87,7 @@ def from_pretrained_overhead(repeats: int) -> dict[str, Any]:
 
 def per_call(device: str, quick: bool) -> list[dict[str, Any]]:
     """µs per attention call: transformers' sdpa function vs the shim's wrapper for a downgraded model."""
-    from kernels import FakeAttention, functions, pinned
+    from kernel_grid import FakeAttention, functions, pinned
 
     wrapped, original, _ = functions()
     rows = []

@@ -186,7 +186,7 @@ def targets(results: dict[str, Any]) -> list[str]:
 
 
 def kernel_tables(kernels: dict[str, Any]) -> str:
-    from kernels import IMPLS
+    from kernel_grid import IMPLS
 
     parts = []
     grid = kernels.get("grid", [])

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown section {section!r}; known: {', '.join(SECTIONS)}")
         t0 = time.perf_counter()
         print(f"== {section}", flush=True)
-        module = __import__(section)
+        # bench/kernels.py would shadow the ``kernels`` package transformers 5.25 imports: kernel_grid
+        module = __import__("kernel_grid" if section == "kernels" else section)
         results[section] = module.run(device, args.quick)
         results[f"{section}_s"] = time.perf_counter() - t0
         print(f"== {section}: {results[f'{section}_s']:.0f} s", flush=True)
