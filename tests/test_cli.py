@@ -457,3 +457,53 @@ def test_demo_cuda_requested_without_a_device(capsys):
         pytest.skip("a CUDA device is present")
     assert main(["demo", "--device", "cuda"]) == 1
     assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- doctor: no model can be built
+
+
+def _write_broken_torchvision(root):
+    """A torchvision 0.28.0 whose import fails as ``pip install torchvision==0.28.0 --no-deps`` does next
+    to torch 2.13 (``operator torchvision::nms does not exist``). Faked: the real wheel is a large
+    download, and installing it on purpose breaks the environment; everything else here is real."""
+    package = root / "torchvision"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    info = root / "torchvision-0.28.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torchvision\nVersion: 0.28.0\n")
+    (info / "RECORD").write_text("torchvision/__init__.py,,\n")
+    return root
+
+
+@pytest.mark.slow
+def test_doctor_says_problem_where_no_model_can_be_built(tmp_path):
+    """The broken-torchvision environment of issue 17: every load fails, so doctor must not say OK."""
+    pil = pytest.importorskip("PIL", reason="transformers imports torchvision only where Pillow is installed")
+    site = _write_broken_torchvision(tmp_path / "site")
+    pillow_site = os.path.dirname(os.path.dirname(pil.__file__))
+    env = clean_env(PYTHONPATH=os.pathsep.join([str(SRC), str(site), pillow_site]), HF_HUB_OFFLINE="1")
+    load = "from transformers import LlamaConfig, LlamaForCausalLM; LlamaForCausalLM(LlamaConfig())"
+    without_shim = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=env)
+    assert without_shim.returncode != 0 and "torchvision::nms" in without_shim.stderr  # the user's error
+    result = subprocess.run(
+        [sys.executable, "-m", "sdpa_shim", "doctor"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    problems = [line for line in result.stdout.splitlines() if line.startswith("PROBLEM: ")]
+    assert len(problems) == 1 and problems[0].startswith("PROBLEM: transformers cannot build a model here (")
+    assert "RuntimeError: operator torchvision::nms does not exist" in problems[0]
+    assert "OK: sdpa_shim can do its job here." not in result.stdout
+    assert "-> sdpa" not in result.stdout  # no request answered where no model can be built
+
+
+@pytest.mark.parametrize("package", ["torch", "transformers"])
+def test_doctor_says_problem_when_torch_or_transformers_is_missing(capsys, monkeypatch, package):
+    from sdpa_shim._surfaces import doctor_system
+
+    real = doctor_system.versions
+    monkeypatch.setattr(doctor_system, "versions", lambda: {**real(), package: None})
+    status, out = doctor(capsys)
+    assert status == 1
+    assert f"PROBLEM: {package} is not installed: " in out
+    assert f"pip install {package}" in out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 
@@ -341,3 +342,40 @@ def _assert_saved_like_plain_sdpa(model, model_class, source, tmp_path) -> None:
     assert saved.get("_attn_implementation_autoset") in (None, False)
     reloaded = model_class.from_pretrained(tmp_path / "with-shim")
     assert reloaded.config._attn_implementation == plain.config._attn_implementation
+
+
+def test_deactivate_puts_back_every_object_the_shim_replaced_and_activate_replaces_them_again():
+    """The ledger's undo: transformers' availability check (everywhere it was bound), the remote-code
+    functions and the hooked methods are the very objects transformers had, and come back on activate."""
+    import transformers.dynamic_module_utils as dynamic_module_utils
+    import transformers.utils.import_utils as import_utils
+
+    from sdpa_shim._integration import availability, ledger
+
+    def bindings() -> dict[tuple[str, str], object]:
+        return {
+            (name, attribute): value
+            for name, module in list(sys.modules.items())
+            if module is not None and name.startswith("transformers")
+            for attribute, value in list(getattr(module, "__dict__", {}).items())
+            if attribute in ("is_flash_attn_2_available", "get_imports", "get_class_in_module")
+        }
+
+    def pretrained_model() -> dict[str, object]:
+        return dict(vars(transformers.modeling_utils.PreTrainedModel))
+
+    assert availability.is_patched() and ledger.is_shim_wrapper(dynamic_module_utils.get_imports)
+    sdpa_shim.deactivate()
+    original, original_class = bindings(), pretrained_model()
+    assert [key for key, value in original.items() if ledger.is_shim_wrapper(value)] == []
+    assert not availability.is_patched()
+    sdpa_shim.activate()
+    patched = bindings()
+    assert ledger.is_shim_wrapper(import_utils.is_flash_attn_2_available)
+    assert ledger.is_shim_wrapper(dynamic_module_utils.get_imports)
+    assert patched.keys() == original.keys()
+    sdpa_shim.deactivate()
+    assert all(value is original[key] for key, value in bindings().items())
+    assert all(pretrained_model()[name] is value for name, value in original_class.items())
+    sdpa_shim.activate()
+    assert availability.is_patched()

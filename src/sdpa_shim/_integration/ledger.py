@@ -126,19 +126,23 @@ def set_item(mapping: dict[Any, Any], key: Any, value: Any, unit: str) -> None:
         _changes.append(Change(unit, f"[{key!r}]", undo, previous, lambda: mapping, str(key)))
 
 
-def rebind(old: Any, new: Any, unit: str, package: str = "transformers") -> int:
-    """Replace ``old`` by ``new`` wherever ``package``'s imported modules bound it; returns how many.
+#: Where transformers' functions get bound by ``from ... import``: its own modules and remote code's.
+PACKAGES = ("transformers", "transformers_modules")
+
+
+def rebind(old: Any, new: Any, unit: str, packages: tuple[str, ...] = PACKAGES) -> int:
+    """Replace ``old`` by ``new`` wherever ``packages``' imported modules bound it; returns how many.
 
     Module globals, and values of module-level dicts and of dicts inside them (5.4's
     ``FLASH_ATTENTION_COMPATIBILITY_MATRIX[2]["general_availability_check"]``). The undo replaces
-    ``new`` by ``old`` everywhere in ``package`` again, so modules imported meanwhile (which bound
-    ``new`` by ``from ... import``) get the original back too.
+    ``new`` by ``old`` everywhere in ``packages`` again, so modules imported meanwhile (which bound
+    ``new`` by ``from ... import``: remote code too) get the original back.
     """
     with _state.lock:
-        count = _replace_everywhere(old, new, package)
+        count = _replace_everywhere(old, new, packages)
         label = str(getattr(old, "__name__", repr(old)))
         _changes.append(
-            Change(unit, label, lambda: _replace_everywhere(new, old, package), old, _none, label)
+            Change(unit, label, lambda: _replace_everywhere(new, old, packages), old, _none, label)
         )
     return count
 
@@ -171,10 +175,10 @@ def _none() -> None:
     return None
 
 
-def _replace_everywhere(old: Any, new: Any, package: str) -> int:
+def _replace_everywhere(old: Any, new: Any, packages: tuple[str, ...]) -> int:
     count = 0
     for module_name, module in list(sys.modules.items()):
-        if module is None or not (module_name == package or module_name.startswith(package + ".")):
+        if module is None or module_name.partition(".")[0] not in packages:
             continue
         try:
             namespace = vars(module)

@@ -16,7 +16,7 @@ When flash-attn cannot run here and the shim is active:
 - Never worse than without the shim: an import the module guards itself (``try``/``except``, an
   availability or ``find_spec`` test) is not served when the module checks for CUDA or half precision
   and this load is not CUDA + float16/bfloat16; the module then takes its own fallback
-  (``remote_window._serve_guarded``). The load's dtype is read from the ``from_pretrained``/
+  (``remote_policy.serve_guarded``). The load's dtype is read from the ``from_pretrained``/
   ``from_config`` call in progress (``_load_dtype``).
 - The WARNING names the model class: a window that resolved a config class (defined in the modeling
   file) hands its importers to the model class of the same package.
@@ -64,8 +64,13 @@ def install(dynamic_module_utils: ModuleType) -> None:
         standin_import.install(should_serve)
         with _lock:
             _module = dynamic_module_utils
-            ledger.wrap(dynamic_module_utils, "get_imports", _get_imports, UNIT)
-            ledger.wrap(dynamic_module_utils, "get_class_in_module", _get_class_in_module, UNIT)
+            wrappers = {"get_imports": _get_imports, "get_class_in_module": _get_class_in_module}
+            for name, wrapper in wrappers.items():
+                current = getattr(dynamic_module_utils, name, None)
+                if current is None or ledger.is_shim_wrapper(current):
+                    continue
+                # rebind, not wrap: modules that import the name (generation.utils) get the original back too
+                ledger.rebind(current, ledger.make_wrapper(current, wrapper), UNIT)
     except Exception as error:
         _faults.report(
             "patching transformers.dynamic_module_utils", error, "remote code loads as without the shim"

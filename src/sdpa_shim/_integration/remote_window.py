@@ -6,15 +6,15 @@ that imports ``flash_attn`` gets the PyTorch stand-in (``standin_import``'s find
 and ``is_flash_attn_2_available()`` called from a remote module answers True (``availability_for_caller``),
 so guarded imports run and define their names.
 
-**Never worse than without the shim** (``_serve_guarded``). An import the remote code guards itself (inside
-``try`` with a handler for ImportError/Exception/bare, under ``if is_flash_attn_*()``/``find_spec``, or the
-availability call and ``find_spec`` probe themselves) has a fallback: serving it is a speed-up, not a
-rescue. It is served unless the importing module checks for CUDA or half precision (``assert qkv.is_cuda``,
-``assert x.dtype in [torch.float16, torch.bfloat16]``, or the same test raising): such a flash path cannot
-run on CPU or in float32, stand-in or not, so the module is served only when a CUDA device is present and
-the load's dtype is float16/bfloat16. Otherwise its import fails as without the shim and it takes its own
-fallback. Unguarded imports are always served: the module could not even load otherwise. Each decision is
-logged at DEBUG, once per module and load.
+**Never worse than without the shim** (``remote_policy.serve_guarded``). An import the remote code guards
+itself (inside ``try`` with a handler for ImportError/Exception/bare, under ``if is_flash_attn_*()``/
+``find_spec``, or the availability call and ``find_spec`` probe themselves) has a fallback: serving it is a
+speed-up, not a rescue. It is served unless the importing module checks for CUDA or half precision (``assert
+qkv.is_cuda``, ``assert x.dtype in [torch.float16, torch.bfloat16]``, or the same test raising): such a
+flash path cannot run on CPU or in float32, stand-in or not, so the module is served only when a CUDA device
+is present and the load's dtype is float16/bfloat16. Otherwise its import fails as without the shim and it
+takes its own fallback. Unguarded imports are always served: the module could not even load otherwise. Each
+decision is logged at DEBUG, once per module and load.
 
 When the last window closes the stand-in leaves ``sys.modules`` (a real but unusable flash_attn is put
 back) and one WARNING per model names the model class and every remote module of the load that imported
@@ -38,17 +38,17 @@ from typing import Any
 
 from .._core import faults as _faults
 from .._core.detect import PACKAGES, FlashStatus, flash_status
+from .._core.names import FLASH_ATTENTION_2, REMOTE_PREFIX
 from .._core.settings import get_logger, read_settings
 from .._state import is_active
 from . import standin_import
-from .remote_guards import HALF, source_facts
+from .remote_policy import caller_module as _caller_module
+from .remote_policy import remote_frames as _remote_frames
+from .remote_policy import serve_guarded as _serve_guarded
 
 logger = logging.getLogger(__name__)
 
-IMPLEMENTATION = "flash_attention_2"
-REMOTE_PREFIX = "transformers_modules."
-#: Top-level names of frames that are plumbing, not the code that imports or asks.
-_PLUMBING = frozenset({"importlib", "_frozen_importlib", "_frozen_importlib_external", "sdpa_shim", "wrapt"})
+IMPLEMENTATION = FLASH_ATTENTION_2
 
 
 @dataclass(frozen=True)
@@ -326,94 +326,8 @@ def _serves_everywhere(status: FlashStatus) -> bool:
     )
 
 
-def _serve_guarded(window: _Window, frames: list[tuple[str, str, int]], probe: bool = False) -> bool:
-    """Serve this lookup? Unguarded: yes. Guarded: yes unless the module needs CUDA/half and won't get it.
-
-    ``frames``: the remote frames making the lookup, innermost first, as (module, file, line); ``probe``:
-    the lookup is itself a test for flash_attn (``find_spec``, ``is_flash_attn_2_available()``).
-    """
-    if not frames:
-        return True
-    importer = frames[0][0]
-    decided = window.guarded.get(importer)
-    if decided is not None:
-        return decided
-    facts = [(source_facts(file), line) for _, file, line in frames]
-    guard = "a flash_attn probe" if probe else ""
-    for source, line in facts:
-        guard = guard or next((what for first, last, what in source.guards if first <= line <= last), "")
-    if not guard:
-        return True  # not decided for the module: its next import may be guarded
-    checks = [check for source, _ in facts for check in source.checks]
-    serve, why = True, "no CUDA or half-precision check in the module"
-    if checks:
-        device, dtype = _target(window)
-        serve = device == "cuda" and dtype in HALF
-        line, text = checks[0]
-        why = f"the module checks CUDA/half precision (line {line}: {text}); this load: {device}, {dtype}"
-    outcome = "its flash path runs on the stand-in" if serve else "its own fallback runs, as without the shim"
-    window.guarded[importer] = serve
-    logger.debug(
-        "%s guards its flash_attn import (%s); %s: %s: %s",
-        importer.rpartition(".")[2],
-        guard,
-        "served" if serve else "not served",
-        why,
-        outcome,
-    )
-    return serve
-
-
-def _target(window: _Window) -> tuple[str, str]:
-    """(device, dtype) the guarded flash path would run on: CUDA when present, the load's dtype."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return "cpu", window.dtype or "float32"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return device, window.dtype or str(torch.get_default_dtype()).removeprefix("torch.")
-
-
-def _remote_frames() -> tuple[list[tuple[str, str, int]], bool]:
-    """The remote frames making the current lookup, innermost first, and whether it is a ``find_spec``.
-
-    Frames of import machinery, the shim and wrapt are skipped; the walk stops at the first other frame
-    that is not a remote module (transformers loading the model).
-    """
-    frames: list[tuple[str, str, int]] = []
-    probe = False
-    frame = sys._getframe(1)
-    try:
-        while frame is not None:
-            name = frame.f_globals.get("__name__") or ""
-            code = frame.f_code
-            if code.co_filename.startswith("<frozen ") or name.split(".")[0] in _PLUMBING:
-                probe = probe or (not frames and name == "importlib.util" and code.co_name == "find_spec")
-            elif name.startswith(REMOTE_PREFIX):
-                frames.append((name, code.co_filename, frame.f_lineno))
-            else:
-                break
-            frame = frame.f_back
-        return frames, probe
-    finally:
-        del frame
-
-
 def _windows() -> list[_Window]:
     windows = getattr(_local, "windows", None)
     if windows is None:
         windows = _local.windows = []
     return windows
-
-
-def _caller_module() -> str:
-    """``__name__`` of the nearest frame that is not import machinery, the shim or wrapt."""
-    frame = sys._getframe(1)
-    try:
-        while frame is not None:
-            name = frame.f_globals.get("__name__") or ""
-            if not (frame.f_code.co_filename.startswith("<frozen ") or name.split(".")[0] in _PLUMBING):
-                return str(name)
-            frame = frame.f_back
-        return ""
-    finally:
-        del frame

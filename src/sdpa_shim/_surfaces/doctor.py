@@ -150,9 +150,10 @@ def _assess(report: Report) -> tuple[list[str], list[str]]:
     elif versions["torch"] is not None and report["model"].get("ok") is False:
         model = report["model"]
         cause = f"; cause: {model['cause']}" if model.get("cause") else ""
+        where = f", raised in {model['raised_in']}" if model.get("raised_in") else ""
         problems.append(
-            f"transformers cannot build a model here ({model['error']}{cause}): every model load fails, "
-            "with or without the shim; repair or uninstall the package the cause names"
+            f"transformers cannot build a model here ({model['error']}{cause}{where}): every model load "
+            "fails, with or without the shim; repair or uninstall that package"
         )
     elif (
         span["status"] != "unsupported"

@@ -44,8 +44,17 @@ def build_check() -> Report:
             "ok": False,
             "error": one_line(error),
             "cause": one_line(cause) if cause is not error else "",
+            "raised_in": _raised_in(cause),
         }
-    return {"ok": True, "error": "", "cause": ""}
+    return {"ok": True, "error": "", "cause": "", "raised_in": ""}
+
+
+def _raised_in(error: BaseException) -> str:
+    """The module whose code raised ``error`` (the innermost frame): the package to repair."""
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return str(traceback.tb_frame.f_globals.get("__name__", "")) if traceback is not None else ""
 
 
 def _root_cause(error: BaseException) -> BaseException:
