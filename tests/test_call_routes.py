@@ -136,7 +136,7 @@ def test_dense_calls_take_sdpa_and_packed_rows_the_flash_code_with_bounds_once_p
     positions = torch.cat([torch.arange(n) for n in (5, 4, 3)]).unsqueeze(0)
     with torch.no_grad(), routes_taken() as taken:
         packed = served(ids, position_ids=positions).logits
-    assert taken == {Route.PACKED: 2}
+    assert taken == {Route.VARLEN: 2}
     start = 0
     for n in (5, 4, 3):  # each document as if alone
         with torch.no_grad():
@@ -145,16 +145,19 @@ def test_dense_calls_take_sdpa_and_packed_rows_the_flash_code_with_bounds_once_p
         start += n
 
 
-def test_collator_cu_seqlens_take_the_flash_code():
-    _, served = _pair()
+def test_collator_cu_seqlens_go_straight_to_the_varlen_engine():
+    reference, served = _pair()
     ids = torch.randint(3, TINY_LLAMA["vocab_size"], (1, 9))
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
     positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
     with torch.no_grad(), routes_taken() as taken:
-        served(
+        got = served(
             ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5
-        )
-    assert taken == {Route.FLASH_CODE: 2}
+        ).logits
+    assert taken == {Route.VARLEN: 2}
+    with torch.no_grad():
+        first, second = reference(ids[:, :4]).logits, reference(ids[:, 4:]).logits
+    torch.testing.assert_close(got, torch.cat([first, second], dim=1), atol=1e-5, rtol=1e-5)
 
 
 def test_sliding_window_beyond_the_keys_takes_the_flash_code_and_matches_plain_sdpa():
@@ -253,7 +256,8 @@ def test_the_rule():
     assert _routes.choose(facts(half=False, padding_share=0.5)) is Route.PADDED_SDPA
     assert _routes.choose(facts(q_len=1, padding_share=0.5)) is Route.PADDED_SDPA  # decode never unpads
     assert _routes.choose(facts(mask_covers_keys=False, padding_share=0.5)) is Route.PADDED_SDPA
-    assert _routes.choose(facts(masked=False, packed_row=True)) is Route.PACKED
+    assert _routes.choose(facts(masked=False, packed_row=True)) is Route.VARLEN
+    assert _routes.choose(facts(masked=False, softcap=True)) is Route.FLASH_CODE
     assert _routes.choose(facts(masked=False)) is Route.DENSE
     assert _routes.choose(facts(masked=False, q_len=1)) is Route.DENSE
     assert _routes.choose(facts(masked=False, q_len=4)) is Route.FLASH_CODE  # cached keys: bottom-right

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from .._runtime import backends as _backends
 from .._runtime import forward_meta as _meta
 from .._runtime import routes as _routes
+from .._runtime.varlen import varlen_attention
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +34,12 @@ class RouteError(Exception):
     """The shim's own fault while choosing a route; nothing ran yet (``__cause__`` says what)."""
 
 
-#: Keywords only transformers' flash code honours (continuous batching, paged caches, softcap, sinks,
-#: varlen bounds a collator or a vision tower computed).
+#: Keywords only transformers' flash code honours (continuous batching, paged caches, sinks).
 FLASH_ONLY = (
-    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "softcap", "s_aux",
-    "cache", "read_index", "write_index", "logits_indices", "block_table", "k_cache", "v_cache",
+    "s_aux", "cache", "read_index", "write_index", "logits_indices", "block_table", "k_cache", "v_cache",
 )  # fmt: skip
+#: The varlen bounds a collator or a vision tower computed.
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def serve(
@@ -65,15 +67,8 @@ def serve(
         return _padded_sdpa(sdpa, module, query, key, value, attention_mask, kwargs)
     if route is _routes.Route.PADDED_VARLEN:
         return _padded_varlen(module, query, key, value, attention_mask, kwargs)
-    if route is _routes.Route.PACKED and packed is not None:
-        kwargs = {
-            **kwargs,
-            "cu_seq_lens_q": packed.cu_seqlens,
-            "cu_seq_lens_k": packed.cu_seqlens,
-            "max_length_q": packed.max_len,
-            "max_length_k": packed.max_len,
-            "position_ids": None,  # the bounds are given: no per-layer packed-row check
-        }
+    if route is _routes.Route.VARLEN:
+        return _varlen(module, query, key, value, packed, kwargs)
     return _backends.dispatch(flash, module, query, key, value, attention_mask, **kwargs)
 
 
@@ -83,12 +78,13 @@ def _route(
     """Describe the call (shapes and keywords; tensors read once per forward at most) and ask the rule."""
     q_len, kv_len = query.shape[2], key.shape[2]
     window = kwargs.get("sliding_window")
-    flash_only = any(kwargs.get(name) is not None for name in FLASH_ONLY)
+    flash_only = any(kwargs.get(name) is not None for name in FLASH_ONLY) or _casts(module, query)
     masked = attention_mask is not None
     if masked and attention_mask.dim() != 2:
         flash_only = True  # not a 2D padding mask: transformers' flash code says what it makes of it
     packed = None
-    if not (flash_only or masked) and query.shape[0] == 1 and q_len > 1:
+    given = all(kwargs.get(name) is not None for name in VARLEN_KEYS)
+    if not (flash_only or masked or given) and query.shape[0] == 1 and q_len > 1:
         position_ids = kwargs.get("position_ids")
         if position_ids is not None and position_ids.shape[0] == 1:
             packed = _meta.packed_rows(position_ids)
@@ -99,7 +95,8 @@ def _route(
         kv_len=kv_len,
         masked=masked,
         flash_only=flash_only,
-        packed_row=packed is not None,
+        packed_row=given or packed is not None,
+        softcap=kwargs.get("softcap") is not None,
         windowed_without_mask=bool(window) and kv_len > int(window),
         mask_covers_keys=not masked or attention_mask.shape[-1] == kv_len,
     )
@@ -108,6 +105,45 @@ def _route(
         share = 1.0 - _meta.unpadded(attention_mask).total / max(attention_mask.numel(), 1)
         route = _routes.choose(dataclasses.replace(facts, padding_share=share))
     return route, packed
+
+
+def _casts(module: Any, query: Any) -> bool:
+    """Whether transformers' flash code would cast float32 inputs to a half dtype first (autocast, or
+    half weights beside float32 activations, as PEFT leaves them): that stays its own business."""
+    if query.dtype != torch.float32:
+        return False
+    if torch.is_autocast_enabled(query.device.type):
+        return True
+    weight = next(module.parameters(), None)  # transformers reads the first Linear's weight
+    return weight is not None and weight.dtype != torch.float32
+
+
+def _varlen(
+    module: Any, query: Any, key: Any, value: Any, packed: _meta.Packed | None, kwargs: dict[str, Any]
+) -> Any:
+    """Packed rows straight into the varlen engine, as transformers' flash code would call
+    ``flash_attn_varlen_func`` (same window, scale, softcap, dropout, determinism)."""
+    if packed is not None:
+        cu_q = cu_k = packed.cu_seqlens
+        max_q = max_k = packed.max_len
+    else:
+        cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]
+        max_q, max_k = kwargs["max_length_q"], kwargs["max_length_k"]
+    batch, length = query.shape[0], query.shape[2]
+    causal = _causal(module, kwargs)
+    window = _window(kwargs, key.shape[2])
+    deterministic = kwargs.get("deterministic")
+    if deterministic is None:
+        deterministic = os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1"
+    softcap = kwargs.get("softcap")
+    q, k, v = (x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3]) for x in (query, key, value))
+    out = varlen_attention(
+        q, k, v, cu_q, cu_k, max_q, max_k,
+        scale=kwargs.get("scaling"), causal=causal, window=(window - 1, window - 1) if window else (-1, -1),
+        softcap=float(softcap or 0.0), dropout_p=float(kwargs.get("dropout") or 0.0),
+        deterministic=bool(deterministic),
+    )  # fmt: skip
+    return out.view(batch, length, *out.shape[1:]), None
 
 
 def _causal(module: Any, kwargs: dict[str, Any]) -> bool:
@@ -144,8 +180,6 @@ def _padded_varlen(
     """Padded prefill as packed rows: tokens gathered with indices derived once per forward, run
     through the varlen engine, and put back (padding rows zero), as transformers' flash code does
     without its per-layer host reads."""
-    from .._runtime.varlen import varlen_attention
-
     batch, _, length, _ = query.shape
     unpadded = _meta.unpadded(mask_2d)
     rows, cols = unpadded.rows, unpadded.cols

@@ -12,6 +12,7 @@ so it is built once per ``cu_seqlens`` tensor and reused by every layer of a for
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 
@@ -69,11 +70,24 @@ class Plan:
     stacked: int
 
 
-def plan(cu_q: Tensor, cu_k: Tensor, bq: list[int], bk: list[int], tq: int) -> Plan:
-    """The grouping for these bounds, built once per cu_seqlens tensor (every layer passes the same)."""
-    if cu_k is cu_q:
-        return forward_meta.CACHE.get(cu_q, ("bucket_plan", tq), lambda: _plan(bq, bk, tq))
-    return _plan(bq, bk, tq)  # cross attention bounds: cheap to rebuild, rare
+#: Plans kept, by bounds: image sizes and document lengths repeat from forward to forward.
+PLANS = 64
+_plans: collections.OrderedDict[tuple[tuple[int, ...], tuple[int, ...], int], Plan] = (
+    collections.OrderedDict()
+)
+
+
+def plan(bq: list[int], bk: list[int], tq: int) -> Plan:
+    """The grouping for these bounds, built once and reused by every layer and later forwards."""
+    key = (tuple(bq), tuple(bk), tq)
+    found = _plans.get(key)
+    if found is None:
+        found = _plans[key] = _plan(bq, bk, tq)
+        while len(_plans) > PLANS:
+            _plans.popitem(last=False)
+    else:
+        _plans.move_to_end(key)
+    return found
 
 
 def _plan(bq: list[int], bk: list[int], tq: int) -> Plan:
@@ -104,8 +118,6 @@ def run_bucketed(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    cu_q: Tensor,
-    cu_k: Tensor,
     bq: list[int],
     bk: list[int],
     opts: Options,
@@ -113,7 +125,7 @@ def run_bucketed(
 ) -> tuple[Tensor, Tensor | None]:
     """Sequences grouped into a few padded batches; outputs put back with one index_select."""
     h, dv = q.shape[1], v.shape[-1]
-    layout = plan(cu_q, cu_k, bq, bk, q.shape[0])
+    layout = plan(bq, bk, q.shape[0])
     outs: list[Tensor] = []
     lses: list[Tensor] = []
     for group in layout.groups:
@@ -181,7 +193,17 @@ def _bucket_attention(
     bias = _alibi_bias(slopes, big_q, big_k, shift, qb.device) if slopes is not None else None
     if explicit:
         res = explicit_attention(
-            qb, kb, vb, opts.scale, opts.dropout_p, opts.softcap, mask, bias, row_ok, False
+            qb,
+            kb,
+            vb,
+            opts.scale,
+            opts.dropout_p,
+            opts.softcap,
+            mask,
+            bias,
+            row_ok,
+            False,
+            want_lse=opts.want_lse,
         )
         return res.out, res.lse
     return masked_sdpa(qb, kb, vb, opts.scale, opts.dropout_p, mask, bias, row_ok), None

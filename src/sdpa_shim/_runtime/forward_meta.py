@@ -122,7 +122,7 @@ def _packed_rows(position_ids: Tensor) -> Packed | None:
 
 @dataclasses.dataclass(frozen=True)
 class Padding:
-    """A padded batch as SDPA takes it: a boolean (B, 1, Lq, M) mask over the first M keys, and the
+    """A padded batch as SDPA takes it: a boolean (B, 1, Lq or 1, M) mask over the first M keys, and the
     query rows flash-attn leaves at zero (padding), as a (B, Lq, 1, 1) multiplier (None: no such row
     can exist, a decode step)."""
 
@@ -147,6 +147,11 @@ def _padding(mask_2d: Tensor, q_len: int, causal: bool, window: int | None, dtyp
     keys = mask_2d.bool()
     m = keys.shape[-1]
     device = keys.device
+    keep = None
+    if q_len > 1:
+        keep = keys[:, m - q_len :].to(dtype).view(keys.shape[0], q_len, 1, 1)
+    if not (causal or window):  # one row of keys for every query: SDPA broadcasts (B, 1, 1, M)
+        return Padding((keys | ~keys.any(dim=-1, keepdim=True))[:, None, None, :], keep, m)
     allowed = keys[:, None, :].expand(-1, q_len, -1)
     if causal or window:
         cols = torch.arange(m, device=device).view(1, 1, m)
@@ -158,9 +163,6 @@ def _padding(mask_2d: Tensor, q_len: int, causal: bool, window: int | None, dtyp
             if not causal:
                 allowed = allowed & (cols < rows + window)
     allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-    keep = None
-    if q_len > 1:
-        keep = keys[:, m - q_len :].to(dtype).view(keys.shape[0], q_len, 1, 1)
     return Padding(allowed.unsqueeze(1), keep, m)
 
 

@@ -240,7 +240,9 @@ def attention(
         row_ok = mask.any(dim=-1, keepdim=True)  # (1|B, 1, sq, 1)
         mask = mask | ~row_ok  # empty rows see everything, then get zeroed: no NaN, no gradient
     if needs_explicit:
-        return explicit_attention(q, k, v, scale, dropout_p, softcap, mask, bias, row_ok, want_probs)
+        return explicit_attention(
+            q, k, v, scale, dropout_p, softcap, mask, bias, row_ok, want_probs, want_lse=want_lse
+        )
     return Result(masked_sdpa(q, k, v, scale, dropout_p, mask, bias, row_ok), None, None)
 
 
@@ -311,6 +313,7 @@ def explicit_attention(
     bias: Tensor | None,
     row_ok: Tensor | None,
     want_probs: bool,
+    want_lse: bool = True,
 ) -> Result:
     """Scores -> softcap -> bias/mask -> softmax -> dropout -> matmul, in float32 (float64 if given).
 
@@ -338,12 +341,16 @@ def explicit_attention(
             s = s + bias[:, :, start:stop].to(cdt)
         if mask is not None:
             s = s.masked_fill(~(mask[:, :, start:stop] if mask.shape[2] > 1 else mask), _NEG_INF)
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse.unsqueeze(-1))
+        if want_lse or want_probs:
+            lse = torch.logsumexp(s, dim=-1)
+            p = torch.exp(s - lse.unsqueeze(-1))
+        else:  # one fused softmax (softcap calls: Gemma2 decode)
+            lse, p = None, torch.softmax(s, dim=-1)
         if row_ok is not None:
             ok = row_ok[:, :, start:stop]
             p = p * ok.to(cdt)
-            lse = lse.masked_fill(~ok.squeeze(-1), math.inf)  # flash-attn reports +inf for empty rows
+            if lse is not None:
+                lse = lse.masked_fill(~ok.squeeze(-1), math.inf)  # flash-attn reports +inf for empty rows
         p_used = p
         if dropout_p > 0:
             keep = torch.rand_like(p) >= dropout_p
@@ -351,15 +358,18 @@ def explicit_attention(
             if want_probs:  # flash-attn's S_dmask: negative where dropped
                 probs.append(torch.where(keep, p, -p).to(q.dtype))
         outs.append(torch.matmul(p_used, vt))
-        lses.append(lse)
+        if lse is not None:
+            lses.append(lse)
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    lse_all = torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]
+    lse_all = None
+    if lses:
+        lse_all = (torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]).to(torch.float32)
     p_all = None
     if want_probs and dropout_p > 0:
         p_all = torch.cat(probs, dim=2) if len(probs) > 1 else probs[0]
     elif want_probs:  # flash-attn returns S_dmask only when dropout is on
         p_all = q.new_empty((0,))
-    return Result(out.transpose(1, 2).to(q.dtype).contiguous(), lse_all.to(torch.float32), p_all)
+    return Result(out.transpose(1, 2).to(q.dtype).contiguous(), lse_all, p_all)
 
 
 def _empty_result(q: Tensor, v: Tensor, want_lse: bool, want_probs: bool) -> Result:

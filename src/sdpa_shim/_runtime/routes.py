@@ -4,11 +4,12 @@ A model the shim serves reads "flash_attention_2" for every check in transformer
 each attention call is served by what it actually is (``choose``, pure). The measurements behind the
 rule are in BENCHMARKS.md ("per-call routes"):
 
-- continuous batching, paged caches, softcap, attention sinks, collator ``cu_seqlens`` (vision
-  towers, ``DataCollatorWithFlattening``): ``FLASH_CODE``, transformers' own flash code on the varlen
-  engine; the only route that honours all of them.
-- a packed row (``position_ids`` restarting, no mask): ``PACKED``, the same flash code handed the
-  row's ``cu_seqlens`` derived once per forward, so no layer reads lengths on the host.
+- continuous batching, paged caches, attention sinks, float32 inputs that flash-attn would cast:
+  ``FLASH_CODE``, transformers' own flash code on the varlen engine; the only route that honours all.
+- ``cu_seqlens`` given (vision towers, ``DataCollatorWithFlattening``) or a packed row
+  (``position_ids`` restarting, no mask, bounds derived once per forward): ``VARLEN``, the varlen
+  engine called directly with what transformers' flash code would pass it, without its per-layer
+  host work.
 - no padding, whole sequences (or one query token): ``DENSE``, transformers' SDPA function, exactly
   what plain "sdpa" runs.
 - a padded batch: ``PADDED_SDPA``, transformers' SDPA function with a boolean mask built once per
@@ -28,7 +29,7 @@ class Route(str, enum.Enum):
     """A per-call route; the value is the name counters and DEBUG logs use."""
 
     FLASH_CODE = "flash_code"
-    PACKED = "packed"
+    VARLEN = "varlen"
     DENSE = "dense"
     PADDED_SDPA = "padded_sdpa"
     PADDED_VARLEN = "padded_varlen"
@@ -54,8 +55,9 @@ class CallFacts:
     q_len: int
     kv_len: int
     masked: bool  # a 2D padding mask was passed (transformers passes None when nothing is padded)
-    flash_only: bool  # continuous batching, paged cache, softcap, sinks, collator cu_seqlens
-    packed_row: bool  # position_ids of one row restart (found once per forward)
+    flash_only: bool  # continuous batching, paged cache, sinks, a float32 cast, a mask that is not 2D
+    packed_row: bool  # position_ids of one row restart (found once per forward), or cu_seqlens given
+    softcap: bool = False  # logits soft-capping: SDPA has none
     windowed_without_mask: bool = False  # sliding window on an unmasked call: the dense path lacks it
     mask_covers_keys: bool = True  # the padding mask spans every key (not a static cache's slots)
     padding_share: float = 1.0  # share of padding tokens: read (once per forward) only where it matters
@@ -65,12 +67,14 @@ def choose(facts: CallFacts) -> Route:
     """The route for one call (pure)."""
     if facts.flash_only:
         return Route.FLASH_CODE
+    if facts.packed_row:
+        return Route.VARLEN
+    if facts.softcap:
+        return Route.FLASH_CODE
     if facts.masked:
         if facts.mask_covers_keys and prefers_varlen_for_padding(facts):
             return Route.PADDED_VARLEN
         return Route.PADDED_SDPA
-    if facts.packed_row:
-        return Route.PACKED
     if facts.windowed_without_mask or facts.q_len not in (1, facts.kv_len):
         return Route.FLASH_CODE  # bottom-right causal with a cache offset, or a window: flash-attn's own
     return Route.DENSE

@@ -28,6 +28,7 @@ tokens: O(used pages), differentiable), then routed like any other call.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 from collections.abc import Iterator
@@ -230,13 +231,16 @@ def _bounds(cu_q: Tensor, cu_k: Tensor, tq: int, tk: int) -> tuple[list[int], li
     bk = bq if cu_k is cu_q else forward_meta.host_list(cu_k)
     if len(bq) != len(bk):
         raise ValueError(f"cu_seqlens_q has {len(bq)} entries but cu_seqlens_k has {len(bk)}")
-    if any(b > a for a, b in zip(bq[1:], bq[:-1], strict=False)) or any(
-        b > a for a, b in zip(bk[1:], bk[:-1], strict=False)
-    ):
+    if not (_ordered(cu_q, bq) and (cu_k is cu_q or _ordered(cu_k, bk))):
         raise ValueError("cu_seqlens must be non-decreasing")
     if bq[0] < 0 or bk[0] < 0 or bq[-1] > tq or bk[-1] > tk:
         raise ValueError(f"cu_seqlens go past the packed tensors ({bq[-1]} > {tq} or {bk[-1]} > {tk})")
     return bq, bk
+
+
+def _ordered(cu: Tensor, bounds: list[int]) -> bool:
+    """Non-decreasing bounds, checked once per tensor."""
+    return forward_meta.CACHE.get(cu, "ordered", lambda: all(a <= b for a, b in itertools.pairwise(bounds)))
 
 
 # --------------------------------------------------------------------------- route choice
@@ -350,7 +354,7 @@ def _execute(
     explicit = route.endswith("_explicit")
     if route.startswith("uniform"):
         return _run_uniform(q, k, v, bq, bk, opts, explicit)
-    return run_bucketed(q, k, v, cu_q, cu_k, bq, bk, opts, explicit)
+    return run_bucketed(q, k, v, bq, bk, opts, explicit)
 
 
 def _row_mask(cu: Tensor, rows: int, device: torch.device) -> Tensor:
