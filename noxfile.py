@@ -42,7 +42,7 @@ on its release; the first session's earlier measurement was 2549 s (42.5 min) wi
 A cold pip cache adds the downloads (not measured).
 
 With 5.25 (17 sessions, the newest now 5.25) and ``latest`` (seconds while the matrix is current, one
-release-dependent suite run, about 3 minutes, while it is behind) CI stays near 40 minutes, under 45.
+release-dependent suite run, about 3 minutes, while it is behind) CI is estimated (not measured) near 40.
 ``torch_next`` measured once (5.25.0 on torch 2.14.1+cu130, the whole suite: 505 passed, 93 skipped,
 1 xfailed, the counts of ``newest`` on 2.13.0): 877 s wall, of which 648 s pytest and about 230 s making the
 venv and installing torch's CUDA build from the local index; its venv takes 7.7 GB of disk. Measured with
