@@ -67,7 +67,9 @@ def padded_generate(hidden: int, lengths: list[int], new: int) -> Callable[[str]
     return make
 
 
-def padded_forward(hidden: int, lengths: list[int], right: bool = False) -> Callable[[str], Callable[[], Any]]:
+def padded_forward(
+    hidden: int, lengths: list[int], right: bool = False
+) -> Callable[[str], Callable[[], Any]]:
     def make(implementation: str) -> Callable[[], Any]:
         model = _llama(implementation, hidden)
         ids, mask = _left_padded(lengths)
@@ -153,7 +155,7 @@ WORKLOADS: list[Workload] = [
     ("generate 16, 4 left-padded rows 5..64, 256-wide", "sdpa", padded_generate(256, [5, 20, 41, 64], 16)),
     ("padded forward, 4 left-padded rows 5..64, 256-wide", "sdpa", padded_forward(256, [5, 20, 41, 64])),
     ("generate 16, 2 left-padded rows 100/300, 512-wide", "sdpa", padded_generate(512, [100, 300], 16)),
-    ("padded prefill 2 x 512 (right-padded 300/512), 512-wide", "sdpa", padded_forward(512, [300, 512], True)),
+    ("padded prefill 2 x 512 (right-padded 300/512)", "sdpa", padded_forward(512, [300, 512], True)),
 ]
 
 
@@ -166,7 +168,7 @@ def measure(rounds: int) -> list[dict[str, Any]]:
             for call in calls.values():  # warm-up
                 call()
             for r in range(rounds):
-                for key in (("reference", "shim") if r % 2 == 0 else ("shim", "reference")):
+                for key in ("reference", "shim") if r % 2 == 0 else ("shim", "reference"):
                     start = time.process_time()
                     calls[key]()
                     times[key].append(time.process_time() - start)
@@ -174,7 +176,7 @@ def measure(rounds: int) -> list[dict[str, Any]]:
         row = {"workload": name, "reference": reference, "reference_ms": ref * 1e3, "shim_ms": shim * 1e3,
                "ratio": ref / shim}  # fmt: skip
         rows.append(row)
-        print(f"{name}: {reference} {ref * 1e3:.1f} ms, shim {shim * 1e3:.1f} ms, {ref / shim:.2f}x", flush=True)
+        print(f"{name}: {reference} {ref * 1e3:.1f} ms, shim {shim * 1e3:.1f} ms, {ref / shim:.2f}x")
     return rows
 
 

@@ -239,9 +239,9 @@ def run_crossover(b: Bench) -> None:
             def measure(v: str, ids: Any = ids, mask: Any = mask, lengths: list[int] = lengths) -> float:
                 model = b.models["shim" if v.startswith("shim") else v]
                 with torch.no_grad(), forced(routes.get(v)):
-                    call = lambda: model(
+                    call = lambda: model(  # noqa: E731
                         input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1
-                    )  # noqa: E731
+                    )
                     call()
                     return sum(lengths) / statistics.median(seconds(call, b.device) for _ in range(3))
 

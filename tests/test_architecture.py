@@ -122,17 +122,17 @@ def test_every_module_is_in_a_layer():
 
 #: The one module that patches: it owns the wrapper type, the patch primitives and the undo stack.
 LEDGER = "sdpa_shim._integration.ledger"
-#: Modules still patching with their own undo, to be converted to the ledger by their owner (the
-#: attention entries and the flash path, issue 17's runtime half); remove each once it is converted.
-PATCHES_OUTSIDE_THE_LEDGER = {
-    "sdpa_shim._integration.registry",
-    "sdpa_shim._integration.flash_paths",
-}
+#: Modules still patching with their own undo (none: every unit patches through the ledger).
+PATCHES_OUTSIDE_THE_LEDGER: set[str] = set()
 
 #: Statements that look like patching but change the shim's own objects, each with why.
 OWN_OBJECTS = {
     # the import system stamps the flash_attn alias spec on sdpa_shim.standin; the finder puts its own back
     ("sdpa_shim._integration.standin_import", "module.__spec__ = ..."),
+    # the registry's replacement functions are the shim's own: they name the function they stand for
+    ("sdpa_shim._integration.registry", "wrapper.__sdpa_shim_original__ = ..."),
+    ("sdpa_shim._integration.registry", "wrapper.__wrapped__ = ..."),
+    ("sdpa_shim._integration.registry", "wrapper.__doc__ = ..."),
 }
 
 

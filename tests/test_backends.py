@@ -78,36 +78,33 @@ def call(original, q_len: int = 8, mask=None, module=LAYER, **kwargs):
 @pytest.mark.parametrize("backend", ["auto", "flash", "cudnn", "math", "efficient", "default"])
 def test_off_cuda_always_default(backend):
     for q_len, seen in ((1, 0), (512, 0), (512, 5)):
-        assert _backends.select("cpu", backend, q_len, False, seen) == "default"
-        assert _backends.select("mps", backend, q_len, True, seen) == "default"
+        assert _backends.select("cpu", backend, q_len, seen) == "default"
+        assert _backends.select("mps", backend, q_len, seen) == "default"
 
 
 @pytest.mark.parametrize(
-    ("q_len", "masked", "seen", "plan"),
+    ("q_len", "seen", "plan"),
     [
-        (1, False, 0, "avoid_cudnn"),  # decode: flash, as fast as warm cuDNN and needs no plan
-        (1, False, 10, "avoid_cudnn"),
-        (1, True, 0, "avoid_cudnn"),  # padded decode: memory-efficient, no plan to build
-        (1, True, 5, "avoid_cudnn"),
-        (2, False, 0, "avoid_cudnn"),  # a shape seen for the first time: no plan to build
-        (4096, False, 0, "avoid_cudnn"),
-        (4096, True, 0, "avoid_cudnn"),
-        (4096, False, 1, "default"),  # seen before: torch's dispatch (cuDNN on Hopper) and its cached plan
-        (4096, True, 7, "default"),
+        (1, 0, "avoid_cudnn"),  # decode (padded or not): flash / memory-efficient, no plan to build
+        (1, 10, "avoid_cudnn"),
+        (2, 0, "avoid_cudnn"),  # a shape seen for the first time: no plan to build
+        (4096, 0, "avoid_cudnn"),
+        (4096, 1, "default"),  # seen before: torch's dispatch (cuDNN on Hopper) and its cached plan
+        (4096, 7, "default"),
     ],
 )
-def test_auto_policy(q_len, masked, seen, plan):
-    assert _backends.select("cuda", "auto", q_len, masked, seen) == plan
+def test_auto_policy(q_len, seen, plan):
+    assert _backends.select("cuda", "auto", q_len, seen) == plan
 
 
 @pytest.mark.parametrize("backend", ["flash", "efficient", "cudnn", "math", "default"])
 def test_pins_apply_to_every_call(backend):
-    for q_len, masked, seen in ((1, False, 0), (1, True, 0), (4096, False, 0), (4096, True, 3)):
-        assert _backends.select("cuda", backend, q_len, masked, seen) == backend
+    for q_len, seen in ((1, 0), (4096, 0), (4096, 3)):
+        assert _backends.select("cuda", backend, q_len, seen) == backend
 
 
 def test_unknown_backend_means_default():
-    assert _backends.select("cuda", "nonsense", 4096, False, 0) == "default"
+    assert _backends.select("cuda", "nonsense", 4096, 0) == "default"
 
 
 # --- the pin from the environment -----------------------------------------------------------------

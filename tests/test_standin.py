@@ -704,7 +704,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
         ([30, 1, 90], [70, 1, 40], {"causal": True}, True),  # FA2 aligns bottom-right per segment
         ([30, 1, 90], [70, 1, 40], {"window_size": (8, 0)}, True),
         ([64, 1, 200], [64, 1, 200], {"softcap": 5.0, "causal": True}, False),
-        ([600, 600], [600, 600], {"causal": True}, True),  # uniform: still FA2 (see UNIFORM_OVER_...)
+        ([600, 600], [600, 600], {"causal": True}, True),  # uniform: still FA2
         ([96, 96, 96], [96, 96, 96], {"causal": True}, True),
         ([600, 600], [600, 600], {"window_size": (8, 8)}, True),
     ],

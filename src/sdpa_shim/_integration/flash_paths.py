@@ -31,11 +31,10 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from .. import _state
 from .._core import faults as _faults
 from .._core.detect import flash_status, version_tuple
 from .._state import is_active
-from . import remote_window
+from . import ledger, remote_window
 from .registry import kind_of
 
 logger = logging.getLogger(__name__)
@@ -48,9 +47,12 @@ FIRST_RELEASE = (4, 56)
 #: under an availability check; if the module uses one it lacks, its flash path cannot be served.
 _IMPORT_TIME_FLASH_NAMES = ("_flash_attention_forward", "flash_attn_func", "flash_attn_varlen_func")
 
-_wrapped: list[tuple[ModuleType | type, Any]] = []
 CONTINUOUS_API = "transformers.generation.continuous_batching.continuous_api"
 _loaded_ok = False  # transformers holds its flash kernels (the stand-in's, or flash-attn's own)
+
+
+#: The ledger unit under which ``_lazy_imports`` and continuous batching's set-up are wrapped.
+UNIT = "flash path"
 
 
 def install(module: ModuleType | None = None) -> None:
@@ -59,45 +61,19 @@ def install(module: ModuleType | None = None) -> None:
         module = module or sys.modules.get(MODULE)
         if module is None or not _release_ok():
             return
-        current = getattr(module, FUNCTION, None)
-        wrapper_type = _state.wrapper_type()
-        if current is None or isinstance(current, wrapper_type):
-            return
-        setattr(module, FUNCTION, wrapper_type(current, _lazy_imports))
-        _wrapped.append((module, current))
-        logging.getLogger(MODULE).addFilter(_quiet_no_op_cast)
-        _wrap_continuous_batching(wrapper_type)
+        if ledger.wrap(module, FUNCTION, _lazy_imports, UNIT) is not None:
+            logging.getLogger(MODULE).addFilter(_quiet_no_op_cast)
+        owner = getattr(sys.modules.get(CONTINUOUS_API), "ContinuousMixin", None)
+        if owner is not None and "init_continuous_batching" in vars(owner):
+            ledger.wrap(owner, "init_continuous_batching", _init_continuous_batching, UNIT)
     except Exception as error:
         _faults.report(f"wrapping {MODULE}.{FUNCTION}", error, "models keep the plain sdpa downgrade")
 
 
 def uninstall() -> None:
-    """Put the original function back (identity-equal)."""
+    """Undo ``install`` (the ledger puts the very objects back) and drop the log filter."""
     logging.getLogger(MODULE).removeFilter(_quiet_no_op_cast)
-    while _wrapped:
-        owner, original = _wrapped.pop()
-        name = original.__name__
-        if (
-            getattr(
-                vars(owner).get(name) if isinstance(owner, type) else getattr(owner, name, None),
-                "__wrapped__",
-                None,
-            )
-            is original
-        ):
-            setattr(owner, name, original)
-
-
-def _wrap_continuous_batching(wrapper_type: type) -> None:
-    """Continuous batching on CUDA turns CUDA graphs on by default for flash implementations (5.x); the
-    stand-in's kernels read sequence lengths on the host, which graph capture forbids (measured: every
-    request came back empty). For served models the default becomes off; an explicit choice stands."""
-    owner = getattr(sys.modules.get(CONTINUOUS_API), "ContinuousMixin", None)
-    current = vars(owner).get("init_continuous_batching") if owner is not None else None
-    if current is None or isinstance(current, wrapper_type):
-        return
-    owner.init_continuous_batching = wrapper_type(current, _init_continuous_batching)
-    _wrapped.append((owner, current))
+    ledger.undo(UNIT)
 
 
 def _init_continuous_batching(wrapped: Any, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -154,9 +130,7 @@ def _quiet_no_op_cast(record: logging.LogRecord) -> bool:
 def servable(cls: type) -> bool:
     """Whether a model of ``cls`` can keep its flash paths here (see the module docstring). Never raises."""
     try:
-        function = getattr(sys.modules.get(MODULE), FUNCTION, None)
-        wrapper_type = _state.wrapper_type_if_created()
-        if wrapper_type is None or not isinstance(function, wrapper_type):
+        if not ledger.is_shim_wrapper(getattr(sys.modules.get(MODULE), FUNCTION, None)):
             return False
         return _transformers_class_without_import_time_flash(cls) and _preloaded()
     except Exception as error:

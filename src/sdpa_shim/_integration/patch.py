@@ -61,11 +61,9 @@ def deactivate() -> None:
     with _lock:
         _state.set_active(False)
         if _state.wrapper_type_if_created() is not None:
-            from . import flash_paths, ledger, registry
+            from . import flash_paths, ledger
 
-            # registry and flash_paths keep their own undo until they patch through the ledger too
-            registry.uninstall()
-            flash_paths.uninstall()
+            flash_paths.uninstall()  # its log filter; the ledger's undo below covers the rest
             ledger.undo()
 
 

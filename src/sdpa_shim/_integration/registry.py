@@ -24,8 +24,6 @@ _lock = threading.Lock()
 #: id(config) -> (weak reference to that config, what the shim chose: "sdpa", "eager" or "flash"), for
 #: every config of a (sub-)model the shim took over.
 _downgraded: dict[int, tuple[weakref.ref[Any], str]] = {}
-#: (mapping, key, original function) for each registry entry the shim wrapped.
-_wrapped: list[tuple[dict[str, Any], str, Callable[..., Any]]] = []
 
 
 def mark(config: Any, kind: str = "sdpa") -> None:
@@ -57,13 +55,14 @@ def kind_of(config: Any) -> str | None:
     return None if entry is None or entry[0]() is not config else entry[1]
 
 
-def is_downgraded(config: Any) -> bool:
-    """A model the shim downgraded (to sdpa or eager); models kept on the flash path are not."""
-    return kind_of(config) in ("sdpa", "eager")
+#: The ledger unit under which the registry entries are replaced (undone by ``deactivate``).
+UNIT = "attention entries"
 
 
 def install(modeling_utils: ModuleType) -> None:
     """Wrap the registry's "sdpa" and "flash_attention_2" entries (idempotent). None before 4.48."""
+    from . import ledger
+
     mapping = _global_mapping(modeling_utils)
     if mapping is None:
         return
@@ -73,16 +72,7 @@ def install(modeling_utils: ModuleType) -> None:
         original = mapping.get(key)
         if original is None or getattr(original, "__sdpa_shim_original__", None) is not None:
             continue
-        mapping[key] = wrap(original) if key == "sdpa" else wrap(original, sdpa)
-        _wrapped.append((mapping, key, original))
-
-
-def uninstall() -> None:
-    """Put the registry's original functions back."""
-    while _wrapped:
-        mapping, key, original = _wrapped.pop()
-        if getattr(mapping.get(key), "__sdpa_shim_original__", None) is original:
-            mapping[key] = original
+        ledger.set_item(mapping, key, wrap(original) if key == "sdpa" else wrap(original, sdpa), UNIT)
 
 
 def _global_mapping(modeling_utils: ModuleType) -> dict[str, Any] | None:

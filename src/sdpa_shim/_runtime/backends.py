@@ -1,4 +1,4 @@
-"""SDPA backend choice for models the shim downgraded from flash_attention_2 (CUDA only).
+"""SDPA backend choice for the attention calls of models the shim serves (CUDA only).
 
 Why this exists: since torch 2.9-2.11, SDPA's default dispatch on Hopper runs cuDNN attention first.
 cuDNN is the fastest kernel for a shape it has seen before, but it builds an execution plan for every
@@ -50,12 +50,11 @@ WARM_AFTER = 1
 MAX_SHAPES = 8192
 
 
-def select(device_type: str, backend: str, q_len: int, masked: bool, seen: int) -> str:
+def select(device_type: str, backend: str, q_len: int, seen: int) -> str:
     """The plan for one attention call (pure).
 
     ``device_type``: the query's device type; ``backend``: the parsed ``SDPA_SHIM_BACKEND`` value;
-    ``q_len``: query length; ``masked``: an attention mask is passed (kept for policies that need it;
-    the current one does not); ``seen``: how many times this layer saw this call shape before.
+    ``q_len``: query length; ``seen``: how many times this layer saw this call shape before.
     """
     if device_type != "cuda":
         return "default"
@@ -196,12 +195,11 @@ def dispatch(
     backend = _pin_cache[1] if compiling else pinned_backend()
     if backend == "auto":
         q_len = query.shape[-2]
-        masked = attention_mask is not None
         # No memory while tracing (shapes are steady there), and none is needed for decode steps.
         seen = WARM_AFTER if compiling or q_len <= 1 else times_seen(module, query, key, attention_mask)
-        plan = select("cuda", backend, q_len, masked, seen)
+        plan = select("cuda", backend, q_len, seen)
     else:
-        plan = select("cuda", backend, 0, False, 0)
+        plan = select("cuda", backend, 0, 0)
     if plan == "default":
         return original(module, query, key, value, attention_mask, **kwargs)
     if compiling:

@@ -50,9 +50,6 @@ from .kernels import (
 log = logging.getLogger(__name__)
 
 ROUTES = ("varlen_attn", "uniform_sdpa", "uniform_explicit", "bucketed_sdpa", "bucketed_explicit")
-#: When every sequence is at least this long and of one length, prefer ``uniform_sdpa`` over
-#: varlen_attn (cuDNN SDPA beat FA2 there on an H100). None: always varlen_attn, as FA2 code is.
-UNIFORM_OVER_VARLEN_ATTN_FROM: int | None = None
 
 _HALF = (torch.float16, torch.bfloat16)
 _FORCED: list[str] = []
@@ -276,14 +273,7 @@ def _choose(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: 
         return forced
     kind = "explicit" if opts.needs_explicit else "sdpa"
     if _varlen_attn_refusal(q, k, v, opts) is None:
-        prefer_uniform = (
-            UNIFORM_OVER_VARLEN_ATTN_FROM is not None
-            and min(max_q, k.shape[0]) >= UNIFORM_OVER_VARLEN_ATTN_FROM
-            and _looks_uniform(q, k, cu_q, cu_k, max_q)
-            and _uniform(*_bounds(cu_q, cu_k, q.shape[0], k.shape[0])) is not None
-        )
-        if not prefer_uniform:
-            return "varlen_attn"
+        return "varlen_attn"
     bq, bk = _bounds(cu_q, cu_k, q.shape[0], k.shape[0])
     return f"uniform_{kind}" if _uniform(bq, bk) is not None else f"bucketed_{kind}"
 
@@ -299,12 +289,6 @@ def _check_forced(
         raise ValueError(f"route {route} cannot give softcap or the log-sum-exp")
     elif route.startswith("uniform") and _uniform(*_bounds(cu_q, cu_k, q.shape[0], k.shape[0])) is None:
         raise ValueError(f"route {route} needs sequences of one shape")
-
-
-def _looks_uniform(q: Tensor, k: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int) -> bool:
-    """Whether every sequence may have length max_seqlen, judged from shapes alone (no host sync)."""
-    n = cu_q.numel() - 1
-    return n > 0 and max_q * n == q.shape[0] and k.shape[0] % n == 0
 
 
 def _uniform(bq: list[int], bk: list[int]) -> tuple[int, int, int] | None:
