@@ -9,16 +9,15 @@ Routes (``route_for`` names the one a call takes; ``force_route`` pins one for t
   taken on CUDA in fp16/bf16 whenever the call asks for nothing it lacks (softcap, ALiBi, dropout,
   a window or scale before 2.11, lse without ``return_aux``, head dim > 256 or not a multiple of 8,
   Dv != D). Keywords are read from its signature at runtime (2.10 ``is_causal``; 2.11 ``scale``,
-  ``window_size``, ``return_aux``; 2.12 ``enable_gqa``). No host sync on this route.
+  ``window_size``, ``return_aux``; 2.12 ``enable_gqa``). The bounds are read on the host once per
+  ``cu_seqlens`` tensor (not per layer) to skip masking rows outside every segment.
+- ``flex``: ``flex_attention`` with a document block mask (``flex``), for packed self-attention rows of
+  many short documents (``FLEX_FROM_DOCUMENTS``, ``FLEX_UP_TO_MEAN_LENGTH``) on CUDA, where it beats
+  FA2's varlen kernel; it falls back to ``varlen_attn`` wherever it cannot compile or run.
 - ``uniform_sdpa`` / ``uniform_explicit``: every sequence has the same (Lq, Lk): a zero-copy view
   as (n, L, H, D) and one dense call.
 - ``bucketed_sdpa`` / ``bucketed_explicit``: everything else (CPU, fp32, torch < 2.10, softcap,
-  ALiBi, dropout). Sequences are grouped by (ceil_log2 Lq, ceil_log2 Lk), lengths up to
-  ``MIN_BUCKET`` sharing one group, so a row of any number of documents costs O(log^2 max_len) calls
-  (O(log) when Lq == Lk). Each group is gathered, right-padded to its own longest sequence (padding
-  overhead < 2x per side) and run as one batched call with a mask built for that group only; causal
-  self-attention needs no mask at all (top-left == bottom-right, padded keys sit after every real
-  query). Padded query rows are discarded and never NaN.
+  ALiBi, dropout): sequences grouped by length into O(log^2 max_len) padded SDPA calls (``bucketed``).
 - ``*_explicit``: the float32 softmax, taken for softcap and for the log-sum-exp.
 
 Paged caches (``block_table``) and ``seqused_k`` are first gathered into packed K/V (only the used
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import forward_meta
+from . import flex, forward_meta
 from .bucketed import Options as _Options
 from .bucketed import run_bucketed
 from .kernels import (
@@ -49,7 +48,12 @@ from .kernels import (
 
 log = logging.getLogger(__name__)
 
-ROUTES = ("varlen_attn", "uniform_sdpa", "uniform_explicit", "bucketed_sdpa", "bucketed_explicit")
+ROUTES = ("varlen_attn", "flex", "uniform_sdpa", "uniform_explicit", "bucketed_sdpa", "bucketed_explicit")
+#: The flex route serves packed self-attention rows of at least this many documents ...
+FLEX_FROM_DOCUMENTS = 32
+#: ... whose mean length is at most this many tokens (where flex_attention's tile skipping beats FA2's
+#: varlen kernel; measured crossover in BENCHMARKS.md). None: never flex.
+FLEX_UP_TO_MEAN_LENGTH: int | None = 64
 
 _HALF = (torch.float16, torch.bfloat16)
 _FORCED: list[str] = []
@@ -272,10 +276,25 @@ def _choose(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: 
         _check_forced(forced, q, k, v, cu_q, cu_k, opts)
         return forced
     kind = "explicit" if opts.needs_explicit else "sdpa"
+    if _many_short_documents(q, k, cu_q, cu_k) and flex.flex_refusal(q, k, v, opts, True) is None:
+        return "flex"
     if _varlen_attn_refusal(q, k, v, opts) is None:
         return "varlen_attn"
     bq, bk = _bounds(cu_q, cu_k, q.shape[0], k.shape[0])
     return f"uniform_{kind}" if _uniform(bq, bk) is not None else f"bucketed_{kind}"
+
+
+def _many_short_documents(q: Tensor, k: Tensor, cu_q: Tensor, cu_k: Tensor) -> bool:
+    """A packed self-attention row of many short documents (bounds read once per tensor)."""
+    if FLEX_UP_TO_MEAN_LENGTH is None or cu_k is not cu_q or k.shape[0] != q.shape[0]:
+        return False
+    if cu_q.numel() - 1 < FLEX_FROM_DOCUMENTS or q.shape[0] > FLEX_UP_TO_MEAN_LENGTH * (cu_q.numel() - 1):
+        return False  # from shapes alone: too few documents, or too long on average even if all full
+    if torch.compiler.is_compiling() or (cu_q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False
+    bounds = forward_meta.host_list(cu_q)
+    documents = len(bounds) - 1
+    return bounds[-1] - bounds[0] <= FLEX_UP_TO_MEAN_LENGTH * documents
 
 
 def _check_forced(
@@ -285,6 +304,10 @@ def _check_forced(
         why = _varlen_attn_refusal(q, k, v, opts)
         if why:
             raise ValueError(f"route varlen_attn cannot serve this call: {why}")
+    elif route == "flex":
+        why = flex.flex_refusal(q, k, v, opts, cu_k is cu_q)
+        if why:
+            raise ValueError(f"route flex cannot serve this call: {why}")
     elif route.endswith("_sdpa") and opts.needs_explicit:
         raise ValueError(f"route {route} cannot give softcap or the log-sum-exp")
     elif route.startswith("uniform") and _uniform(*_bounds(cu_q, cu_k, q.shape[0], k.shape[0])) is None:
@@ -324,6 +347,14 @@ def _execute(
     max_q: int,
     opts: _Options,
 ) -> tuple[Tensor, Tensor | None]:
+    if route == "flex":
+        try:
+            return flex.run_flex(q, k, v, cu_q, _bounds(cu_q, cu_k, q.shape[0], k.shape[0])[0], opts), None
+        except flex.FlexUnavailable as exc:
+            if _FORCED:
+                raise
+            log.debug("flex route unavailable (%s)", exc)
+            route = "varlen_attn" if _varlen_attn_refusal(q, k, v, opts) is None else "bucketed_sdpa"
     if route == "varlen_attn":
         try:
             return _run_varlen_attn(q, k, v, cu_q, cu_k, max_q, opts)
