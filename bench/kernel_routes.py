@@ -15,6 +15,8 @@ call of each shape compiles (not timed: warm-up).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import statistics
 import sys
@@ -36,7 +38,7 @@ GRID = [(4096, 8), (4096, 64), (4096, 256), (16384, 8), (16384, 64), (16384, 256
 def lengths(total: int, docs: int, gen: torch.Generator) -> list[int]:
     cuts = torch.randperm(total - 1, generator=gen)[: docs - 1].add(1).sort().values.tolist()
     bounds = [0, *cuts, total]
-    return [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(bounds)]
 
 
 def timed(fn: Any, reps: int = 5, warmup: int = 2) -> float:
@@ -54,63 +56,69 @@ def timed(fn: Any, reps: int = 5, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def measure_case(total: int, docs: int) -> dict[str, Any]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    dev, dt = "cuda", torch.bfloat16
+    gen = torch.Generator().manual_seed(total + docs)
+    lens = lengths(total, docs, gen)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+    longest = max(lens)
+    q = torch.randn(total, 32, 64, device=dev, dtype=dt, requires_grad=True)
+    k = torch.randn(total, 4, 64, device=dev, dtype=dt, requires_grad=True)
+    v = torch.randn(total, 4, 64, device=dev, dtype=dt, requires_grad=True)
+    grad = torch.randn(total, 32, 64, device=dev, dtype=dt)
+
+    def engine(route: str | None) -> Any:
+        def step() -> Any:
+            with varlen.force_route(route) if route else contextlib.nullcontext():
+                out = varlen.varlen_attention(q, k, v, cu, cu, longest, longest, causal=True)
+            return out, torch.autograd.grad(out, (q, k, v), grad)
+
+        return step
+
+    def direct() -> Any:
+        out = varlen_attn(q, k, v, cu, cu, longest, longest, window_size=(-1, 0), enable_gqa=True)
+        return out, torch.autograd.grad(out, (q, k, v), grad)
+
+    auto = varlen.route_for(q, k, v, cu, cu, longest, longest, causal=True)
+    row: dict[str, Any] = {"tokens": total, "docs": docs, "auto_route": auto}
+    variants = (
+        ("direct_varlen_attn", direct),
+        ("engine_varlen_attn", engine("varlen_attn")),
+        ("engine_auto", engine(None)),
+        ("engine_flex", engine("flex")),
+    )
+    for name, fn in variants:
+        try:
+            row[name] = timed(fn)
+        except Exception as exc:  # a route that cannot run here is reported, not fatal
+            row[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    try:
+        ref_out, ref_grads = direct()
+        flex_out, flex_grads = engine("flex")()
+        row["flex_max_abs_diff"] = max(
+            (a.float() - b.float()).abs().max().item()
+            for a, b in zip((flex_out, *flex_grads), (ref_out, *ref_grads), strict=True)
+        )
+    except Exception as exc:
+        row["flex_max_abs_diff"] = type(exc).__name__
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None)
     parser.add_argument("--budget-s", type=float, default=240.0)
     args = parser.parse_args()
-    from torch.nn.attention.varlen import varlen_attn
 
-    dev, dt = "cuda", torch.bfloat16
     rows = []
     for total, docs in GRID:
         if time.monotonic() - STARTED > args.budget_s:
             rows.append({"tokens": total, "docs": docs, "skipped": "time budget"})
             continue
-        gen = torch.Generator().manual_seed(total + docs)
-        lens = lengths(total, docs, gen)
-        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
-        longest = max(lens)
-        q = torch.randn(total, 32, 64, device=dev, dtype=dt, requires_grad=True)
-        k = torch.randn(total, 4, 64, device=dev, dtype=dt, requires_grad=True)
-        v = torch.randn(total, 4, 64, device=dev, dtype=dt, requires_grad=True)
-        grad = torch.randn(total, 32, 64, device=dev, dtype=dt)
-
-        def engine(route: str | None) -> Any:
-            def step() -> Any:
-                if route is None:
-                    out = varlen.varlen_attention(q, k, v, cu, cu, longest, longest, causal=True)
-                else:
-                    with varlen.force_route(route):
-                        out = varlen.varlen_attention(q, k, v, cu, cu, longest, longest, causal=True)
-                grads = torch.autograd.grad(out, (q, k, v), grad)
-                return out, grads
-
-            return step
-
-        def direct() -> Any:
-            out = varlen_attn(q, k, v, cu, cu, longest, longest, window_size=(-1, 0), enable_gqa=True)
-            return out, torch.autograd.grad(out, (q, k, v), grad)
-
-        row: dict[str, Any] = {"tokens": total, "docs": docs, "auto_route": varlen.route_for(
-            q, k, v, cu, cu, longest, longest, causal=True)}  # fmt: skip
-        for name, fn in (("direct_varlen_attn", direct), ("engine_varlen_attn", engine("varlen_attn")),
-                         ("engine_auto", engine(None)), ("engine_flex", engine("flex"))):  # fmt: skip
-            try:
-                row[name] = timed(fn)
-            except Exception as exc:
-                row[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-        try:
-            ref_out, ref_grads = direct()
-            flex_out, flex_grads = engine("flex")()
-            row["flex_max_abs_diff"] = max(
-                (a.float() - b.float()).abs().max().item()
-                for a, b in zip((flex_out, *flex_grads), (ref_out, *ref_grads), strict=True)
-            )
-        except Exception as exc:
-            row["flex_max_abs_diff"] = f"{type(exc).__name__}"
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(measure_case(total, docs))
+        print(json.dumps(rows[-1]), flush=True)
     text = markdown(rows)
     print(text)
     if args.out:
@@ -128,7 +136,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         return f"{x:.2f}" if isinstance(x, float) else str(x)
 
     lines = [
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}: ms per fwd+bwd, GQA 32/4, d64, bf16, causal",
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}: "
+        "ms per fwd+bwd, GQA 32/4, d64, bf16, causal",
         "",
         "| tokens | docs | varlen_attn direct | engine: varlen_attn | engine: flex | engine auto (route) "
         "| engine varlen_attn / direct | flex max abs diff |",
