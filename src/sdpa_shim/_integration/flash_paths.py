@@ -63,9 +63,13 @@ def install(module: ModuleType | None = None) -> None:
             return
         if ledger.wrap(module, FUNCTION, _lazy_imports, UNIT) is not None:
             logging.getLogger(MODULE).addFilter(_quiet_no_op_cast)
-        owner = getattr(sys.modules.get(CONTINUOUS_API), "ContinuousMixin", None)
+        api = sys.modules.get(CONTINUOUS_API)
+        owner = getattr(api, "ContinuousMixin", None)
         if owner is not None and "init_continuous_batching" in vars(owner):
             ledger.wrap(owner, "init_continuous_batching", _init_continuous_batching, UNIT)
+        manager = getattr(api, "ContinuousBatchingManager", None)
+        if manager is not None and "switch_to_cb_friendly_attn" in vars(manager):
+            ledger.wrap(manager, "switch_to_cb_friendly_attn", _no_switch_to_hub_flash, UNIT)
     except Exception as error:
         _faults.report(f"wrapping {MODULE}.{FUNCTION}", error, "models keep the plain sdpa downgrade")
 
@@ -82,6 +86,20 @@ def _init_continuous_batching(wrapped: Any, model: Any, args: tuple[Any, ...], k
             args, kwargs = _without_cuda_graphs(wrapped, model, args, kwargs)
     except Exception as error:
         _faults.report("choosing CUDA graphs for continuous batching", error, "transformers decides")
+    return wrapped(*args, **kwargs)
+
+
+def _no_switch_to_hub_flash(wrapped: Any, manager: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Continuous batching switches a half-precision sdpa/eager model to flash attention where a flash
+    kernel is "available", Hub kernels included (5.25: ``kernels.get_kernel`` downloads one). For a
+    model the shim downgraded because flash-attn cannot run here, that switch is off: no download."""
+    try:
+        model = args[0] if args else kwargs.get("model")
+        if is_active() and kind_of(getattr(model, "config", None)) in ("sdpa", "eager"):
+            args, kwargs = args[:1], {**kwargs, "auto_switch_to_flash": False}
+            logger.debug("continuous batching keeps the shim's downgrade: no switch to a Hub flash kernel")
+    except Exception as error:
+        _faults.report("keeping continuous batching off Hub kernels", error, "transformers decides")
     return wrapped(*args, **kwargs)
 
 
