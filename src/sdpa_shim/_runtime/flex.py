@@ -140,6 +140,7 @@ def flex_refusal(q: Tensor, k: Tensor, v: Tensor, opts: Options, same_bounds: bo
         (opts.dropout_p > 0, "dropout"),
         (opts.want_lse, "lse"),
         (not same_bounds, "cross-attention bounds (cu_seqlens_q is not cu_seqlens_k)"),
+        (k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0], "not as many key rows as query rows"),
         (not 16 <= d <= 256 or d % 8 != 0 or v.shape[-1] != d, "head dims"),
         (k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0, "heads not a multiple of key/value heads"),
         (opts.scale <= 0, "scale <= 0"),
@@ -278,8 +279,6 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, bounds: list[i
     if why is not None:
         raise FlexUnavailable(why)
     t, hq = q.shape[0], q.shape[1]
-    if k.shape[0] != t or v.shape[0] != t:
-        raise FlexUnavailable("flex route needs as many keys as queries (self-attention)")
     if not bounds or bounds[-1] <= bounds[0]:  # no document token: zeros, still on the graph
         out = q.new_zeros((t, hq, v.shape[-1]))
         if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
