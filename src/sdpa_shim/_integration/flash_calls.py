@@ -11,7 +11,6 @@ flash-attn leaves them.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -103,7 +102,7 @@ def _route(
     route = _routes.choose(facts)
     if route is _routes.Route.PADDED_VARLEN:  # worth it only with enough padding: read once per forward
         share = 1.0 - _meta.unpadded(attention_mask).total / max(attention_mask.numel(), 1)
-        route = _routes.choose(dataclasses.replace(facts, padding_share=share))
+        route = _routes.choose(facts._replace(padding_share=share))
     return route, packed
 
 
@@ -114,8 +113,22 @@ def _casts(module: Any, query: Any) -> bool:
         return False
     if torch.is_autocast_enabled(query.device.type):
         return True
-    weight = next(module.parameters(), None)  # transformers reads the first Linear's weight
-    return weight is not None and weight.dtype != torch.float32
+    return _weight_dtype(module) not in (None, torch.float32)
+
+
+#: Where attention modules keep their query projection (checked before walking all parameters).
+_PROJECTIONS = ("q_proj", "query", "qkv_proj", "qkv", "Wqkv", "c_attn", "in_proj")
+
+
+def _weight_dtype(module: Any) -> Any:
+    """The dtype of the attention module's weights (transformers reads its first Linear's)."""
+    children = getattr(module, "_modules", None) or {}
+    for name in _PROJECTIONS:
+        weight = getattr(children.get(name), "weight", None)
+        if weight is not None:
+            return weight.dtype
+    weight = next(module.parameters(), None) if hasattr(module, "parameters") else None
+    return None if weight is None else weight.dtype
 
 
 def _varlen(

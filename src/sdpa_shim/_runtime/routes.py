@@ -21,8 +21,8 @@ rule are in BENCHMARKS.md ("per-call routes"):
 from __future__ import annotations
 
 import collections
-import dataclasses
 import enum
+from typing import NamedTuple
 
 
 class Route(str, enum.Enum):
@@ -46,9 +46,9 @@ PADDED_VARLEN_FROM_LENGTH = 256
 COUNTS: collections.Counter[Route] = collections.Counter()
 
 
-@dataclasses.dataclass(frozen=True)
-class CallFacts:
-    """What the rule needs to know about one call (shapes and keywords; no tensor values)."""
+class CallFacts(NamedTuple):
+    """What the rule needs to know about one call (shapes and keywords; no tensor values). A named
+    tuple: built on every attention call, it must cost next to nothing."""
 
     device: str
     half: bool
