@@ -37,6 +37,7 @@ class RouteError(Exception):
 FLASH_ONLY = (
     "s_aux", "cache", "read_index", "write_index", "logits_indices", "block_table", "k_cache", "v_cache",
 )  # fmt: skip
+_FLASH_ONLY = frozenset(FLASH_ONLY)
 #: The varlen bounds a collator or a vision tower computed.
 VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -77,24 +78,28 @@ def _route(
     """Describe the call (shapes and keywords; tensors read once per forward at most) and ask the rule."""
     q_len, kv_len = query.shape[2], key.shape[2]
     window = kwargs.get("sliding_window")
-    flash_only = any(kwargs.get(name) is not None for name in FLASH_ONLY) or _casts(module, query)
+    present = _FLASH_ONLY.intersection(kwargs)
+    flash_only = bool(present) and any(kwargs[name] is not None for name in present)
     masked = attention_mask is not None
     if masked and attention_mask.dim() != 2:
         flash_only = True  # not a 2D padding mask: transformers' flash code says what it makes of it
     packed = None
     given = all(kwargs.get(name) is not None for name in VARLEN_KEYS)
-    if not (flash_only or masked or given) and query.shape[0] == 1 and q_len > 1:
+    if not (flash_only or masked or given) and q_len > 1 and query.shape[0] == 1:
         position_ids = kwargs.get("position_ids")
         if position_ids is not None and position_ids.shape[0] == 1:
             packed = _meta.packed_rows(position_ids)
+    packed_row = given or packed is not None
     facts = _routes.CallFacts(
-        device=query.device.type,
+        device="cuda" if query.is_cuda else "other",
         half=query.dtype in _HALF,
         q_len=q_len,
         kv_len=kv_len,
         masked=masked,
-        flash_only=flash_only,
-        packed_row=given or packed is not None,
+        # float32 inputs that flash-attn would cast: only the varlen routes differ (SDPA computes in
+        # float32, as plain "sdpa" does), so only they ask
+        flash_only=flash_only or (packed_row and _casts(module, query)),
+        packed_row=packed_row,
         softcap=kwargs.get("softcap") is not None,
         windowed_without_mask=bool(window) and kv_len > int(window),
         mask_covers_keys=not masked or attention_mask.shape[-1] == kv_len,
