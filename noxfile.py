@@ -4,7 +4,7 @@
     python -m nox                               # the matrix: every release in RELEASES
     python -m nox -s newest                     # fast dev loop: the newest release only
     python -m nox -s "tests(transformers='4.46')"   # one release
-    python -m nox -s newest -- -x tests/test_policy.py  # arguments after -- go to pytest
+    python -m nox -s newest -- -x tests/core/test_policy.py  # arguments after -- go to pytest
     python -m nox -r ...                        # re-use the environments of an earlier run
     python -m nox -s latest                     # the newest transformers on the package index (also in CI)
     python -m nox -s torch_next                 # the newest release on torch TORCH_NEXT (by hand, not CI)
@@ -30,8 +30,9 @@ Why it is built this way (2 cores, clean box, under 45 minutes):
   reason. Files listed in RELEASE_INDEPENDENT run only in the newest release's session, so the matrix
   runs twice only what depends on the release.
 * A release that cannot be installed or imported goes into UNSUPPORTED with the reason: its session is
-  reported as skipped with that reason, and ``docs/versions.md`` (checked by tests/test_versions_table.py)
-  shows it. An unexpected install failure fails the session; it is never skipped silently.
+  reported as skipped with that reason, and ``docs/versions.md`` (checked by
+  tests/integration/test_versions_table.py) shows it. An unexpected install failure fails the session; it
+  is never skipped silently.
 
 Measured (second session, after TRL, continuous-batching and flash-path tests were added): the whole
 ``bash .ci/run`` (fresh clone, fresh venv, README command, 16 sessions, 5.24 newest) on the 2-core box,
@@ -65,7 +66,8 @@ from pathlib import Path
 import nox
 
 #: minor -> the release tested (the latest patch of that minor). Keep docs/versions.md in step:
-#: ``python tests/test_versions_table.py --write`` regenerates it, and the test fails when it drifts.
+#: ``python tests/integration/test_versions_table.py --write`` regenerates it, and the test fails when it
+#: drifts.
 RELEASES: dict[str, str] = {
     "4.36": "4.36.2",
     "4.40": "4.40.2",
@@ -93,14 +95,14 @@ NEWEST = "5.25"
 #: release's session, and every other session ignores them. Everything about attention selection runs
 #: everywhere.
 RELEASE_INDEPENDENT = (
-    "tests/test_policy.py",
-    "tests/test_standin.py",
-    "tests/test_varlen_engine.py",
-    "tests/test_cli.py",
-    "tests/test_startup.py",
-    "tests/test_launchers.py",
-    "tests/test_notebooks.py",
-    "tests/test_install.py",
+    "tests/core/test_policy.py",
+    "tests/standin/test_standin.py",
+    "tests/runtime/test_varlen_engine.py",
+    "tests/surfaces/test_cli.py",
+    "tests/surfaces/test_startup.py",
+    "tests/end_to_end/test_launchers.py",
+    "tests/end_to_end/test_notebooks.py",
+    "tests/end_to_end/test_install.py",
 )
 
 TORCH = "2.13.0"
@@ -116,9 +118,11 @@ TEST_DEPENDENCIES = (
     "wheel",
 )
 #: For release-independent files, so installed in the newest session only: a real Jupyter kernel
-#: (tests/test_notebooks.py), and the publishing tools (tests/test_install.py: sdist + wheel, twine check).
+#: (tests/end_to_end/test_notebooks.py), and the publishing tools (tests/end_to_end/test_install.py: sdist +
+#: wheel, twine check).
 NEWEST_DEPENDENCIES = ("nbclient", "nbformat", "ipykernel", "build", "twine")
-#: A real client of padding-free training (tests/test_trl.py), in every session whose release it supports:
+#: A real client of padding-free training (tests/end_to_end/test_trl.py), in every session whose release it
+#: supports:
 #: TRL 1.16 (the first that trains on a Triton-less CPU torch with 5.x) needs transformers 4.56.2+.
 TRL_DEPENDENCIES = ("trl==1.16.0", "datasets")
 TRL_FIRST_RELEASE = (4, 56)
@@ -126,7 +130,7 @@ ROOT = Path(__file__).resolve().parent
 #: The next torch (``torch_next``): a CUDA build from the package index, run on the CPU.
 TORCH_NEXT = "2.14.1"
 #: Matrix bookkeeping that a release outside the matrix fails by definition (no row in docs/versions.md yet).
-MATRIX_ONLY = ("tests/test_versions_table.py",)
+MATRIX_ONLY = ("tests/integration/test_versions_table.py",)
 
 #: CI (``.ci/run`` runs ``python -m nox``): the matrix, then the newest release on the index (see ``latest``).
 nox.options.sessions = ["tests", "latest"]
@@ -312,7 +316,8 @@ def _install_and_run(
     )
     env = {
         "PYTHONPATH": str(ROOT / "src"),
-        "SDPA_SHIM_MATRIX_RELEASE": release,  # tests/test_versions_table.py checks it is what got installed
+        # tests/integration/test_versions_table.py checks it is what got installed
+        "SDPA_SHIM_MATRIX_RELEASE": release,
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }

@@ -1,6 +1,6 @@
 """torch.compile on CUDA with a downgraded model: same logits as eager mode, no graph break.
 
-``python bench/compile_check.py`` on a CUDA machine (the CPU case is in tests/test_backends.py).
+``python bench/compile_check.py`` on a CUDA machine (the CPU case is in tests/runtime/test_backends.py).
 Under dynamo the shim applies its backend choice with ``sdpa_kernel``, which dynamo traces.
 """
 

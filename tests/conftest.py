@@ -1,11 +1,26 @@
-"""Shared fixtures: every test starts with the shim active, clean caches and a clean environment."""
+"""The one conftest: every test starts with the shim active, clean caches and a clean environment; the
+fixtures more than one test file uses; the ``network`` marker's skip.
+
+Helpers (functions, constants, fake distributions, tiny models) live in ``tests/helpers`` (a package;
+``tests/`` is put on ``sys.path`` here, and on PYTHONPATH for fresh interpreters by
+``helpers.fresh.run_python``). Fixtures used by one file stay in that file.
+
+Network: tests that run pip against the package index are marked ``network`` and skipped when it cannot
+be reached. The signal is ``SDPA_SHIM_TESTS_NETWORK`` when set ("1": run them, "0": skip them);
+otherwise a quick check, once per session: a TCP connection (3 s timeout) to the host of the index pip
+uses (``PIP_INDEX_URL``, else https://pypi.org/simple; a ``file://`` index counts when it exists).
+``HF_HUB_OFFLINE`` is not the signal: it is set for every test (no Hub, ever), online or not.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -14,14 +29,15 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import sdpa_shim
-from fakes import forget_flash_attn, write_flash_attn_distribution
+from helpers import SHIM_VARIABLES
+from helpers.fakes import forget_flash_attn, write_flash_attn_distribution
 from sdpa_shim._core import decisions as _decisions
 from sdpa_shim._core import detect as _detect
 from sdpa_shim._core import faults as _faults
 from sdpa_shim._core import probe as _probe
 from sdpa_shim._core import settings as _settings
 
-SHIM_VARIABLES = ("SDPA_SHIM", "SDPA_SHIM_FALLBACK", "SDPA_SHIM_BACKEND", "SDPA_SHIM_STANDIN")
+NETWORK_VARIABLE = "SDPA_SHIM_TESTS_NETWORK"
 
 
 def reset_shim_state() -> None:
@@ -41,6 +57,37 @@ def _isolate(monkeypatch):
     yield
     sdpa_shim.activate()
     reset_shim_state()
+
+
+# --------------------------------------------------------------------------- the network marker
+
+
+@functools.cache
+def package_index_unreachable() -> str | None:
+    """Why pip cannot reach its package index from here, or None when it can (see the module docstring)."""
+    setting = os.environ.get(NETWORK_VARIABLE, "").strip()
+    if setting in ("0", "1"):
+        return None if setting == "1" else f"{NETWORK_VARIABLE}=0"
+    url = os.environ.get("PIP_INDEX_URL", "").split()[:1] or ["https://pypi.org/simple"]
+    parts = urlsplit(url[0])
+    if parts.scheme == "file":
+        return None if Path(parts.path).exists() else f"the package index {url[0]} does not exist"
+    host, port = parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as error:
+        return f"the package index ({host}:{port}) cannot be reached: {error}"
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("network") is not None:
+        reason = package_index_unreachable()
+        if reason is not None:
+            pytest.skip(f"needs the package index ({reason}; set {NETWORK_VARIABLE}=1 to run anyway)")
+
+
+# --------------------------------------------------------------------------- shared fixtures
 
 
 @pytest.fixture
@@ -87,6 +134,27 @@ def flash_failure(request, tmp_path, monkeypatch):
 
 @pytest.fixture
 def tiny_llama(tmp_path):
-    from models import save_tiny_llama
+    """A tiny Llama saved in this test's temp dir (the test may change its files)."""
+    from helpers.models import save_tiny_llama
 
     return save_tiny_llama(tmp_path / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """One saved tiny Llama for the whole session, read-only: for subprocesses (start-up, ``run``, launchers)."""
+    from helpers.models import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("startup-model") / "tiny-llama")
+
+
+@pytest.fixture
+def needs_a_downgrade():
+    """Skips unless a flash request is downgraded here: flash-attn unusable, and a release the core hooks
+    (start-up activation, launchers, notebooks: otherwise they have nothing to show)."""
+    from helpers.installs import flash_attn_usable_here, transformers_supported
+
+    downgraded = not flash_attn_usable_here() and transformers_supported()
+    _detect.clear_cache()  # fixtures after this one may put a (fake) flash_attn in place
+    if not downgraded:
+        pytest.skip("needs an unusable flash-attn and a transformers release the core hooks")

@@ -20,17 +20,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import transformers
-from packaging.version import Version
 
-from fakes import BROKEN_IMPORT_ERROR, write_flash_attn_distribution
-from loading import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION
-
-TRANSFORMERS = Version(transformers.__version__)
-SRC = Path(__file__).resolve().parents[1] / "src"
-TESTS = Path(__file__).resolve().parent
-#: Releases whose plain ``from transformers import LlamaForCausalLM`` fails with a broken flash-attn.
-IMPORT_BREAKS = Version("4.55") > TRANSFORMERS
+from helpers import SHIM_VARIABLES, SRC, TESTS
+from helpers.expect import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION, IMPORT_BREAKS
+from helpers.fakes import BROKEN_IMPORT_ERROR, write_flash_attn_distribution
 
 FAKE_GPU = """
     import torch
@@ -46,7 +39,7 @@ FAKE_GPU = """
 LOAD_AND_RUN = """
     import json
     import sdpa_shim
-    from models import tiny_llama_config, input_ids
+    from helpers.models import tiny_llama_config, input_ids
     from transformers import LlamaForCausalLM
     from transformers import MistralForCausalLM, GPT2LMHeadModel, BertModel  # never asked for flash
     from transformers.utils import import_utils
@@ -73,7 +66,7 @@ def run_python(code: str, site: Path, timeout: int = 300) -> subprocess.Complete
     environment["PYTHONPATH"] = os.pathsep.join(
         [str(site), str(SRC), str(TESTS), environment.get("PYTHONPATH", "")]
     )
-    for name in ("SDPA_SHIM", "SDPA_SHIM_FALLBACK", "SDPA_SHIM_BACKEND", "SDPA_SHIM_STANDIN", "CI"):
+    for name in (*SHIM_VARIABLES, "CI"):
         environment.pop(name, None)
     script = textwrap.dedent(FAKE_GPU) + textwrap.dedent(code)
     return subprocess.run(
@@ -127,7 +120,7 @@ def test_without_the_shim_it_fails_where_documented(broken_site):
         except Exception as error:
             print("IMPORT FAILED", type(error).__name__, error)
             raise SystemExit
-        from models import tiny_llama_config, input_ids
+        from helpers.models import tiny_llama_config, input_ids
         try:
             model = LlamaForCausalLM(tiny_llama_config(attn_implementation="flash_attention_2"))
             model(input_ids())

@@ -1,6 +1,6 @@
 """Remote-code models that import flash_attn themselves (dots.ocr and its kind), loaded with trust_remote_code.
 
-Our own small packages (tests/remote_models) cover each import pattern seen in the wild: top level,
+Our own small packages (tests/helpers/remote_models) cover each import pattern seen in the wild: top level,
 try/except with an eager fallback, ``if is_flash_attn_2_available():``, lazily in ``__init__``,
 ``flash_attn.flash_attn_interface`` qkvpacked, ``bert_padding`` round trips, and Phi-3's
 ``inspect.signature(flash_attn_func)`` check. With the shim, each loads, serves its flash path with the
@@ -25,9 +25,11 @@ import transformers
 from packaging.version import Version
 
 import sdpa_shim
-from fakes import forget_flash_attn, write_flash_attn_distribution
-from fresh import run_python
-from remote_models import PATTERNS, attention_classes, build, inputs, load, run
+from helpers import ROOT
+from helpers.fakes import forget_flash_attn, write_flash_attn_distribution
+from helpers.fresh import run_python
+from helpers.loading import without_shim
+from helpers.remote_models import PATTERNS, attention_classes, build, inputs, load, run
 from sdpa_shim._core import detect as _detect
 from sdpa_shim._integration import remote_code as _remote_code
 from sdpa_shim._integration import standin_import as _standin_import
@@ -39,7 +41,6 @@ IF_SKIPPED = RERAISES_BROKEN = Version("4.45") <= TRANSFORMERS
 REQUIRES = (
     "This modeling file requires the following packages that were not found in your environment: flash_attn"
 )
-ROOT = Path(__file__).resolve().parents[1]
 FLASH_CLASS = {"top_varlen": "VisionFlashAttention2"}
 WARNING_TEXT = (
     "RemoteTinyModel imports flash_attn (modeling_{}); serving it with sdpa_shim's PyTorch stand-in: "
@@ -332,7 +333,7 @@ def test_opt_in_serves_flash_attn_everywhere(tmp_path):
         from flash_attn.bert_padding import pad_input, unpad_input
         q = torch.randn(1, 5, 2, 8)
         out = flash_attn.flash_attn_func(q, q, q, causal=True)
-        from remote_models import load, run
+        from helpers.remote_models import load, run
         from transformers.utils import is_flash_attn_2_available
         model = load({str(model_dir)!r}, "top_varlen")
         run(model, "top_varlen")
@@ -448,9 +449,12 @@ def test_cuda_asserting_flash_path_is_not_served_on_cpu(
     mode, _ = flash_failure
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a CUDA machine
     with_shim, got = load_and_run(build_intern(tmp_path, guard), dtype)
-    sdpa_shim.deactivate()
-    forget_flash_attn()
-    without, expected = load_and_run(build_intern(tmp_path, guard), dtype)
+
+    def plain():
+        forget_flash_attn()
+        return load_and_run(build_intern(tmp_path, guard), dtype)
+
+    without, expected = without_shim(plain)
 
     # An importable flash_attn (no_cuda), or a broken one that find_spec finds, is imported as without the shim.
     fallback = mode == "missing" or (mode == "broken" and guard != "find_spec")

@@ -2,206 +2,37 @@
 sitecustomize in fresh interpreters, then the real thing in throwaway venvs where sdpa_shim is
 installed as a wheel and in editable mode.
 
-The venvs are built once per test session (``installed``) and shared with test_cli, test_notebooks
-and test_launchers, which import the helpers below.
+The venvs are built once per test session (``helpers.installs.installed``) and shared with test_cli,
+test_notebooks, test_launchers and test_install.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import site
 import statistics
 import subprocess
 import sys
-import sysconfig
 import textwrap
 import time
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import sdpa_shim
-from expect import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION
-from sdpa_shim._surfaces import startup as _startup
-
-ROOT = Path(__file__).resolve().parents[1]
-SRC = ROOT / "src"
-PTH_LINE = (SRC / "sdpa_shim.pth").read_text().strip()
-SHIM_VARIABLES = ("SDPA_SHIM", "SDPA_SHIM_FALLBACK", "SDPA_SHIM_BACKEND", "SDPA_SHIM_STANDIN")
-WARNING = (
-    f"sdpa_shim: LlamaForCausalLM requested flash_attention_2; using {EXPECTED_CHOSEN} instead: "
-    "flash-attn is not installed"
+from helpers import SRC
+from helpers.expect import EXPECTED_IMPLEMENTATION
+from helpers.fresh import clean_env, shim_warnings, source_env
+from helpers.installs import (
+    LOAD_FLASH,
+    PTH_LINE,
+    WARNING,
+    Install,
+    flash_attn_usable_here,
+    installed,
+    transformers_supported,
 )
-
-#: Loads a flash_attention_2 model and never imports sdpa_shim; argv[1] is the model directory.
-LOAD_FLASH = """
-import sys
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation="flash_attention_2")
-print("attention:", model.config._attn_implementation)
-print("shim loaded:", "sdpa_shim" in sys.modules)
-"""
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def clean_env(**overrides: str) -> dict[str, str]:
-    """The test process's environment without the shim's variables or PYTHONPATH, plus ``overrides``."""
-    env = {k: v for k, v in os.environ.items() if k not in SHIM_VARIABLES and k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
-    env.update(overrides)
-    return env
-
-
-def source_env(**overrides: str) -> dict[str, str]:
-    """``clean_env`` with this checkout's ``src`` on PYTHONPATH (no install: no start-up file)."""
-    return clean_env(PYTHONPATH=str(SRC), **overrides)
-
-
-def shim_warnings(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("sdpa_shim:")]
-
-
-def flash_attn_usable_here() -> bool:
-    from sdpa_shim._core.detect import flash_status
-
-    return flash_status("flash_attention_2").usable
-
-
-def transformers_supported() -> bool:
-    """True when the core hooks this transformers release (else start-up has nothing to show)."""
-    import transformers.modeling_utils
-
-    from sdpa_shim._integration.hooks import hooks_for
-
-    return bool(hooks_for(transformers.modeling_utils.PreTrainedModel))
-
-
-@dataclass(frozen=True)
-class Install:
-    """A throwaway venv with sdpa_shim installed one way ("wheel" or "editable")."""
-
-    kind: str
-    root: Path
-    python: Path
-    site_packages: Path
-    project: Path
-    wheel: Path | None
-
-    def script(self, name: str) -> Path:
-        return self.python.parent / (f"{name}.exe" if os.name == "nt" else name)
-
-    def run(
-        self, args: list[str], env: dict[str, str], timeout: float = 180
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(self.python), *args], capture_output=True, text=True, env=env, timeout=timeout
-        )
-
-
-_installs: dict[str, Install] = {}
-
-
-def installed(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Install:
-    """The session's venv with sdpa_shim installed as ``kind``, built on first use."""
-    if kind not in _installs:
-        _installs[kind] = _build_install(kind, tmp_path_factory.mktemp(f"venv-{kind}"))
-    return _installs[kind]
-
-
-def _parent_site_directories() -> list[str]:
-    directories = [
-        *site.getsitepackages(),
-        sysconfig.get_paths()["purelib"],
-        sysconfig.get_paths()["platlib"],
-    ]
-    if site.ENABLE_USER_SITE:
-        directories.append(site.getusersitepackages())
-    unique: list[str] = []
-    for directory in directories:
-        if os.path.isdir(directory) and directory not in unique:
-            unique.append(directory)
-    return unique
-
-
-def _build_install(kind: str, base: Path) -> Install:
-    pytest.importorskip("setuptools", reason="building sdpa_shim offline needs setuptools in the test env")
-    project = base / "project"
-    shutil.copytree(
-        ROOT,
-        project,
-        ignore=shutil.ignore_patterns(
-            ".git",
-            ".nox",
-            ".venv",
-            "build",
-            "dist",
-            "*.egg-info",
-            "__pycache__",
-            ".*_cache",
-            ".hypothesis",
-            "tests",
-            "examples",
-            "docs",
-        ),
-    )
-    if not (project / "README.md").exists():  # pyproject names it; the copy only needs it to exist
-        (project / "README.md").write_text("sdpa_shim\n")
-    venv = base / "venv"
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True
-    )
-    python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    env = clean_env()
-    site_packages = Path(
-        subprocess.check_output(
-            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            text=True,
-            env=env,
-        ).strip()
-    )
-    # A venv made from a venv does not see the outer venv's packages (torch, transformers, pip,
-    # setuptools): list them in a path file, which site appends after the venv's own directory.
-    (site_packages / "zz_sdpa_shim_tests_parent.pth").write_text("\n".join(_parent_site_directories()) + "\n")
-    pip = [str(python), "-m", "pip", "--disable-pip-version-check", "-q"]
-    offline = ["--no-deps", "--no-index", "--no-build-isolation"]
-    wheel = None
-    if kind == "wheel":
-        dist = base / "dist"
-        subprocess.run([*pip, "wheel", *offline, "-w", str(dist), str(project)], check=True, env=env)
-        wheel = next(dist.glob("sdpa_shim-*.whl"))
-        subprocess.run([*pip, "install", "--no-deps", "--no-index", str(wheel)], check=True, env=env)
-    else:
-        subprocess.run([*pip, "install", *offline, "-e", str(project)], check=True, env=env)
-    return Install(kind, venv, python, site_packages, project, wheel)
-
-
-_tiny_model: list[Path] = []
-
-
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One saved tiny Llama for every subprocess of the session."""
-    if not _tiny_model:
-        from models import save_tiny_llama
-
-        _tiny_model.append(save_tiny_llama(tmp_path_factory.mktemp("startup-model") / "tiny-llama"))
-    return _tiny_model[0]
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_model(tmp_path_factory)
-
-
-def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
-    """Show ``line`` in pytest's output even without ``-s`` (measurements the issue asks to report)."""
-    with capsys.disabled():
-        print(line)
-
+from sdpa_shim._surfaces import startup as _startup
 
 # --------------------------------------------------------------------------- fresh interpreters, no install
 
@@ -390,10 +221,24 @@ def _startup_ms(python: Path, env: dict[str, str]) -> float:
     return (time.perf_counter() - start) * 1000
 
 
+#: What a user would notice, with wide margins for shared CI machines (measured on the 2-core box with
+#: transformers 5.25: the .pth line, compiled and run by ``exec``, 23 us; SDPA_SHIM=1 4 ms over an unset
+#: start): the line costing what an import costs, or an activation importing torch or transformers (a second
+#: or more).
+PTH_LINE_LIMIT_US = 500
+ACTIVATION_LIMIT_MS = 500
+
+
+def _report(capsys: pytest.CaptureFixture[str], line: str) -> None:
+    """Show ``line`` in pytest's output even without ``-s`` (the measurement the README quotes)."""
+    with capsys.disabled():
+        print(line)
+
+
 @pytest.mark.slow
-def test_startup_cost_is_measured(wheel_install, capsys, record_testsuite_property):
-    """Measured and reported, not asserted: timings on shared CI machines are too noisy to gate on.
-    Unset and set runs alternate, so a change in machine load shifts both alike."""
+def test_startup_cost_stays_small(wheel_install, capsys, record_testsuite_property):
+    """Measured, reported, and bounded loosely: timings on shared CI machines are too noisy for a tight
+    gate. Unset and set runs alternate, so a change in machine load shifts both alike."""
     runs = 15
     unset_env, on_env = clean_env(), clean_env(SDPA_SHIM="1")
     for env in (unset_env, on_env):  # warm the file cache
@@ -412,8 +257,14 @@ def test_startup_cost_is_measured(wheel_install, capsys, record_testsuite_proper
     record_testsuite_property("startup_ms_unset", round(unset, 2))
     record_testsuite_property("startup_ms_sdpa_shim_1", round(on, 2))
     record_testsuite_property("pth_line_us_unset", round(line_us, 2))
-    report(
+    _report(
         capsys,
         f"\nstart-up cost (python -c pass, median of {runs}): SDPA_SHIM unset {unset:.1f} ms, "
         f"SDPA_SHIM=1 {on:.1f} ms ({on - unset:+.1f} ms); the .pth line unset: {line_us:.2f} us",
     )
+    assert line_us < PTH_LINE_LIMIT_US, f"the .pth line costs {line_us:.1f} us on every Python start"
+    assert on - unset < ACTIVATION_LIMIT_MS, f"SDPA_SHIM=1 adds {on - unset:.0f} ms to every Python start"
+    # Activation at start-up leaves torch and transformers to the user's first import.
+    heavy = "import sys; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    started = wheel_install.run(["-c", heavy], on_env)
+    assert (started.returncode, started.stdout.strip()) == (0, "[]"), started.stderr

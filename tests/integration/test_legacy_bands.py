@@ -14,7 +14,7 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import sdpa_shim
-from loading import (
+from helpers.loading import (
     assert_one_warning,
     load_auto,
     load_config_json,
@@ -23,7 +23,7 @@ from loading import (
     reference,
     without_shim,
 )
-from models import logits, save_tiny_tokenizer, tiny_llama_config, tiny_llava_config
+from helpers.models import logits, save_tiny_tokenizer, tiny_llama_config, tiny_llava_config
 
 TRANSFORMERS = Version(transformers.__version__)
 pytestmark = pytest.mark.skipif(

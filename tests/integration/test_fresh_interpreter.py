@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from expect import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION
-from fresh import run_python
+from helpers.expect import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION
+from helpers.fresh import run_python
 
 
 def test_import_loads_neither_torch_nor_transformers_nor_wrapt():
@@ -22,7 +22,7 @@ def test_import_loads_neither_torch_nor_transformers_nor_wrapt():
 
 
 LOAD_FLASH = """
-    from models import save_tiny_llama
+    from helpers.models import save_tiny_llama
     import tempfile, pathlib, torch
     from transformers import LlamaForCausalLM
     d = save_tiny_llama(pathlib.Path(tempfile.mkdtemp()) / "m")

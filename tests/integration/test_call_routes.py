@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from models import TINY_LLAMA
+from helpers.models import TINY_LLAMA
 from sdpa_shim._runtime import forward_meta
 from sdpa_shim._runtime import routes as _routes
 from sdpa_shim._runtime.routes import Route

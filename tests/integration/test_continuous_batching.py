@@ -16,8 +16,9 @@ import transformers
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from loading import EXPECTED_IMPLEMENTATION, reference
-from models import save_tiny_llama
+from helpers.expect import EXPECTED_IMPLEMENTATION
+from helpers.loading import reference
+from helpers.models import save_tiny_llama
 
 TRANSFORMERS = Version(transformers.__version__)
 pytestmark = pytest.mark.skipif(

@@ -13,8 +13,9 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import sdpa_shim
-from loading import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION, without_shim, write_config_request
-from models import input_ids, logits, save_tiny_llava, tiny_llama_config
+from helpers.expect import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION
+from helpers.loading import without_shim, write_config_request
+from helpers.models import input_ids, logits, save_tiny_llava, tiny_llama_config
 
 TRANSFORMERS = Version(transformers.__version__)
 pytestmark = pytest.mark.skipif(
@@ -38,8 +39,7 @@ def test_class_without_sdpa_gets_eager(tiny_llama, flash_failure, shim_records):
     _, reason = flash_failure
     model = NoSdpaLlama.from_pretrained(tiny_llama, attn_implementation="flash_attention_2")
     assert model.config._attn_implementation == "eager"
-    sdpa_shim.deactivate()
-    expected = LlamaForCausalLM.from_pretrained(tiny_llama, attn_implementation="eager")
+    expected = without_shim(lambda: LlamaForCausalLM.from_pretrained(tiny_llama, attn_implementation="eager"))
     torch.testing.assert_close(logits(model), logits(expected), rtol=0, atol=0)
     [warning] = shim_records()
     assert f"NoSdpaLlama requested flash_attention_2; using eager instead: {reason}" in warning.getMessage()
@@ -155,7 +155,7 @@ def test_composite_sub_config_request_uses_sub_model_class(tmp_path, shim_record
     """A sub-config asking for flash attention is decided on its own class's facts."""
     from transformers import LlavaForConditionalGeneration
 
-    from models import tiny_llava_config
+    from helpers.models import tiny_llava_config
 
     config = tiny_llava_config()
     config.vision_config._attn_implementation = "flash_attention_2"

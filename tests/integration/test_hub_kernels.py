@@ -24,7 +24,7 @@ import pytest
 import transformers
 from packaging.version import Version
 
-from fresh import run_python
+from helpers.fresh import run_python
 
 TRANSFORMERS = Version(transformers.__version__)
 pytestmark = pytest.mark.skipif(
@@ -85,7 +85,7 @@ for method in ("hf_hub_download", "snapshot_download", "model_info", "list_repo_
     if hasattr(huggingface_hub.HfApi, method):
         setattr(huggingface_hub.HfApi, method, recording(f"HfApi.{method}", getattr(huggingface_hub.HfApi, method)))
 
-from models import save_tiny_llama
+from helpers.models import save_tiny_llama
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 try:  # the paged cache's GPU memory query (5.0-5.12 read free CUDA memory)

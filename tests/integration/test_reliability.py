@@ -17,9 +17,10 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import sdpa_shim
-from fresh import run_python
-from loading import EXPECTED_IMPLEMENTATION, write_config_request
-from models import save_tiny_llava, tiny_llama_config
+from helpers.expect import EXPECTED_IMPLEMENTATION
+from helpers.fresh import run_python
+from helpers.loading import without_shim, write_config_request
+from helpers.models import save_tiny_llava, tiny_llama_config
 
 TRANSFORMERS = Version(transformers.__version__)
 
@@ -35,12 +36,12 @@ FAULT_POINTS = [
 
 
 def transformers_error(load):
-    sdpa_shim.deactivate()
-    try:
+    def fails():
         with pytest.raises(Exception) as info:
             load()
-    finally:
-        sdpa_shim.activate()
+        return info
+
+    info = without_shim(fails)
     return type(info.value), str(info.value)
 
 
@@ -89,9 +90,7 @@ def test_fault_in_packed_check_falls_back_to_plain_sdpa(monkeypatch, caplog):
 
     monkeypatch.setattr("sdpa_shim._runtime.packed.boundaries", boom)
     caplog.set_level(logging.DEBUG, logger="sdpa_shim")
-    sdpa_shim.deactivate()
-    reference = LlamaForCausalLM(tiny_llama_config(attn_implementation="sdpa"))
-    sdpa_shim.activate()
+    reference = without_shim(lambda: LlamaForCausalLM(tiny_llama_config(attn_implementation="sdpa")))
     reference.load_state_dict(model.state_dict())
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
@@ -121,7 +120,7 @@ def test_failing_post_import_hook_never_breaks_import_transformers(sabotage, whe
         + """
 import transformers.modeling_utils
 from transformers import LlamaForCausalLM
-from models import tiny_llama_config
+from helpers.models import tiny_llama_config
 print("built", LlamaForCausalLM(tiny_llama_config()).config._attn_implementation)
 """
     )
@@ -140,7 +139,7 @@ import sys
 sys.modules["wrapt"] = None  # wrapt cannot be imported
 import sdpa_shim
 from transformers import LlamaForCausalLM
-from models import tiny_llama_config
+from helpers.models import tiny_llama_config
 print("built", LlamaForCausalLM(tiny_llama_config()).config._attn_implementation)
 """
     )
@@ -155,7 +154,7 @@ print("built", LlamaForCausalLM(tiny_llama_config()).config._attn_implementation
 def test_usable_flash_attn_passes_through_silently(tmp_path):
     """A fake importable flash_attn plus a faked CUDA device (no kernel is ever launched): the request
     reaches transformers unchanged and the shim logs nothing above DEBUG."""
-    from fakes import write_flash_attn_distribution
+    from helpers.fakes import write_flash_attn_distribution
 
     site = write_flash_attn_distribution(tmp_path / "site", "usable")
     result = run_python(
@@ -178,7 +177,7 @@ logging.getLogger("sdpa_shim").addHandler(Keep(logging.DEBUG))
 logging.getLogger("sdpa_shim").setLevel(logging.DEBUG)
 import sdpa_shim
 from transformers import LlamaForCausalLM
-from models import tiny_llama_config
+from helpers.models import tiny_llama_config
 model = LlamaForCausalLM(tiny_llama_config(attn_implementation="flash_attention_2", dtype=torch.bfloat16))
 print("chosen", model.config._attn_implementation)
 print("decisions", sdpa_shim.decisions())

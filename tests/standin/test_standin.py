@@ -1,4 +1,4 @@
-"""Numerics of the flash_attn stand-in against float64 references (tests/standin_reference.py).
+"""Numerics of the flash_attn stand-in against float64 references (tests/helpers/standin_reference.py).
 
 Forward and backward run in float32 with tight tolerances; a bf16 smoke test checks the dtype
 round trip. Everything runs on CPU with real torch.
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import sdpa_shim.standin as fa
+from helpers.standin_reference import reference_attention, reference_rotary, reference_varlen
 from sdpa_shim.standin import bert_padding, flash_attn_interface
 from sdpa_shim.standin.layers import rotary
-from standin_reference import reference_attention, reference_rotary, reference_varlen
 
 TOL = {"atol": 2e-5, "rtol": 2e-5}
 

@@ -12,13 +12,15 @@ import warnings
 import pytest
 
 import sdpa_shim
-from expect import EXPECTED_CHOSEN
-from fresh import SRC, run_python
+from helpers import SRC
+from helpers.expect import EXPECTED_CHOSEN
+from helpers.fresh import run_python
+from helpers.installs import PTH_LINE
+from helpers.loading import without_shim
 from sdpa_shim._core import decisions as _decisions
 from sdpa_shim._core import settings as _settings
 from sdpa_shim._core.policy import Decision
 
-PTH_LINE = (SRC / "sdpa_shim.pth").read_text().strip()
 BAD_SDPA_SHIM = (
     "sdpa_shim: SDPA_SHIM='maybe' is not valid; accepted values: 1/true/on/yes or 0/false/off/no (any case); "
     "using the default (as if unset)"
@@ -28,7 +30,7 @@ DECISION = f"LlamaForCausalLM requested flash_attention_2; using {EXPECTED_CHOSE
 NAMED = 'logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")'
 UNNAMED = 'logging.basicConfig(format="%(levelname)s: %(message)s")'
 LOAD = """
-    from models import tiny_llama_config
+    from helpers.models import tiny_llama_config
     from transformers import LlamaForCausalLM
     for _ in range(2):
         config = tiny_llama_config()
@@ -210,7 +212,7 @@ def test_the_record_is_deduplicated_like_the_warning(shim_records):
 def test_llava_load_is_one_warning_naming_the_top_level_class(tmp_path, shim_records):
     from transformers import LlavaForConditionalGeneration
 
-    from models import save_tiny_llava
+    from helpers.models import save_tiny_llava
 
     directory = save_tiny_llava(tmp_path / "llava")
     for _ in range(2):
@@ -293,7 +295,7 @@ def test_paged_prefix_future_warning_points_where_it_would_without_the_shim():
     """transformers 5.23+ deprecates ``paged|sdpa`` with a FutureWarning raised in a hooked method."""
     from transformers import LlamaForCausalLM
 
-    from models import tiny_llama_config
+    from helpers.models import tiny_llama_config
 
     def build() -> list[tuple[str, int]]:
         with warnings.catch_warnings(record=True) as caught:
@@ -309,6 +311,5 @@ def test_paged_prefix_future_warning_points_where_it_would_without_the_shim():
     shimmed = build()
     if not shimmed:
         pytest.skip("this transformers release does not warn about the paged| prefix")
-    sdpa_shim.deactivate()
-    assert shimmed == build()
+    assert shimmed == without_shim(build)
     assert not any(filename.startswith(str(SRC)) for filename, _ in shimmed)

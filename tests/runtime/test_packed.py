@@ -12,8 +12,8 @@ import transformers
 from packaging.version import Version
 from transformers import LlamaForCausalLM
 
-import sdpa_shim
-from models import tiny_llama_config
+from helpers.loading import without_shim
+from helpers.models import tiny_llama_config
 
 TRANSFORMERS = Version(transformers.__version__)
 pytestmark = [
@@ -30,9 +30,7 @@ def downgraded_and_reference():
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(attn_implementation="flash_attention_2"))
     assert model.config._attn_implementation == "sdpa"
-    sdpa_shim.deactivate()
-    reference = LlamaForCausalLM(tiny_llama_config(attn_implementation="sdpa"))
-    sdpa_shim.activate()
+    reference = without_shim(lambda: LlamaForCausalLM(tiny_llama_config(attn_implementation="sdpa")))
     reference.load_state_dict(model.state_dict())
     return model, reference
 

@@ -10,19 +10,17 @@ import transformers
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-import sdpa_shim
-from loading import (
-    EXPECTED_CHOSEN,
-    EXPECTED_IMPLEMENTATION,
-    SERVES_FLASH_PATH,
+from helpers.expect import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION, SERVES_FLASH_PATH
+from helpers.loading import (
     assert_one_warning,
     load_auto,
     load_config_json,
     load_direct,
     load_with_config_object,
     reference,
+    without_shim,
 )
-from models import input_ids, logits, tiny_llama_config
+from helpers.models import input_ids, logits, tiny_llama_config
 
 TRANSFORMERS = Version(transformers.__version__)
 pytestmark = pytest.mark.skipif(
@@ -57,9 +55,7 @@ def test_from_pretrained_paths(load, tiny_llama, flash_failure, shim_records):
 def test_config_paths(build, flash_failure, shim_records):
     _mode, reason = flash_failure
     model = build(tiny_llama_config())
-    sdpa_shim.deactivate()
-    expected = LlamaForCausalLM(tiny_llama_config(attn_implementation="sdpa"))
-    sdpa_shim.activate()
+    expected = without_shim(lambda: LlamaForCausalLM(tiny_llama_config(attn_implementation="sdpa")))
     expected.load_state_dict(model.state_dict())  # same weights, attention chosen without the shim
     assert model.config._attn_implementation == EXPECTED_IMPLEMENTATION
     torch.testing.assert_close(logits(model), logits(expected), rtol=0, atol=0)
@@ -98,7 +94,7 @@ def test_paged_prefix(tiny_llama, shim_records):
 
 
 def test_pipeline_model_kwargs(tiny_llama, shim_records):
-    from models import save_tiny_tokenizer
+    from helpers.models import save_tiny_tokenizer
 
     save_tiny_tokenizer(tiny_llama)
     generator = transformers.pipeline(

@@ -14,8 +14,8 @@ import torch
 import transformers
 from packaging.version import Version
 
-from loading import without_shim
-from models import save_tiny_llama, save_tiny_tokenizer
+from helpers.loading import without_shim
+from helpers.models import save_tiny_llama, save_tiny_tokenizer
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")

@@ -13,16 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from expect import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION
-from test_startup import (  # noqa: F401 - the last two are named in the skip condition below
-    ROOT,
-    SRC,
-    WARNING,
-    clean_env,
-    flash_attn_usable_here,
-    installed,
-    transformers_supported,
-)
+from helpers import ROOT, SRC
+from helpers.expect import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION
+from helpers.fresh import clean_env
+from helpers.installs import WARNING, installed
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -34,10 +28,7 @@ EXAMPLES = ROOT / "examples"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        "flash_attn_usable_here() or not transformers_supported()",
-        reason="needs an unusable flash-attn and a transformers release the core hooks",
-    ),
+    pytest.mark.usefixtures("needs_a_downgrade"),  # tests/conftest.py
 ]
 
 

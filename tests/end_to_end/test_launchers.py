@@ -11,24 +11,16 @@ import re
 
 import pytest
 
-from expect import EXPECTED_IMPLEMENTATION
-from test_startup import (  # noqa: F401 - the last two are named in the skip condition below
-    ROOT,
-    WARNING,
-    clean_env,
-    flash_attn_usable_here,
-    installed,
-    transformers_supported,
-)
+from helpers import ROOT
+from helpers.expect import EXPECTED_IMPLEMENTATION
+from helpers.fresh import clean_env
+from helpers.installs import WARNING, installed
 
 SCRIPT = ROOT / "examples" / "launcher_script.py"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        "flash_attn_usable_here() or not transformers_supported()",
-        reason="needs an unusable flash-attn and a transformers release the core hooks",
-    ),
+    pytest.mark.usefixtures("needs_a_downgrade"),  # tests/conftest.py
 ]
 
 

@@ -15,17 +15,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sdpa_shim
-from loading import (
-    EXPECTED_CHOSEN,
-    EXPECTED_IMPLEMENTATION,
+from helpers.expect import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION, TRANSFORMERS
+from helpers.loading import (
     PRIVATE_KEY_READ,
     PUBLIC_KEY_READ,
-    TRANSFORMERS,
     assert_one_warning,
     without_shim,
     write_config_request,
 )
-from models import logits
+from helpers.models import logits
 
 KEYS = [
     pytest.param("_attn_implementation", PRIVATE_KEY_READ, id="private"),

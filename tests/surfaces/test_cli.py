@@ -14,29 +14,18 @@ import sys
 
 import pytest
 
-from expect import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION
-from fakes import BROKEN_IMPORT_ERROR, forget_flash_attn, write_flash_attn_distribution
+from helpers import SRC
+from helpers.expect import EXPECTED_CHOSEN, EXPECTED_IMPLEMENTATION
+from helpers.fakes import BROKEN_IMPORT_ERROR, forget_flash_attn, write_flash_attn_distribution
+from helpers.fresh import clean_env, shim_warnings, source_env
+from helpers.installs import WARNING, flash_attn_usable_here, installed
 from sdpa_shim.__main__ import main
 from sdpa_shim._surfaces import cli as _cli
 from sdpa_shim._surfaces import startup as _startup
-from test_startup import (  # noqa: F401 - transformers_supported is named in a skip condition
-    SRC,
-    WARNING,
-    clean_env,
-    flash_attn_usable_here,
-    installed,
-    shim_warnings,
-    source_env,
-    tiny_model,
-    transformers_supported,
-)
 
 BROKEN_REASON = f"flash_attn import failed: ImportError: {BROKEN_IMPORT_ERROR}"
 
-needs_downgrade = pytest.mark.skipif(
-    "flash_attn_usable_here() or not transformers_supported()",
-    reason="needs an unusable flash-attn and a transformers release the core hooks",
-)
+needs_downgrade = pytest.mark.usefixtures("needs_a_downgrade")  # tests/conftest.py
 
 
 @pytest.fixture
@@ -53,11 +42,6 @@ def broken_flash_attn(tmp_path, monkeypatch):
 def no_startup_file(monkeypatch):
     """This interpreter as if no start-up file were installed (CI may have one from `pip install -e`)."""
     monkeypatch.setattr(_startup, "installed_startup_files", lambda: [])
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    return tiny_model(tmp_path_factory)
 
 
 def doctor(capsys, *args: str) -> tuple[int, str]:
@@ -253,7 +237,7 @@ def test_doctor_shows_cuda_only_backends_as_not_applicable_on_cpu(capsys):
 def test_doctor_request_is_what_a_real_load_gives_for_each_fallback(capsys, monkeypatch, tmp_path):
     from transformers import LlamaForCausalLM
 
-    from models import save_tiny_llama
+    from helpers.models import save_tiny_llama
 
     report = json.loads(doctor(capsys, "--json")[1])["request"]
     assert report["fallback"] == "auto"

@@ -18,8 +18,8 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import sdpa_shim
-from loading import reference, without_shim
-from models import input_ids, logits, save_tiny_llama, tiny_llama_config
+from helpers.loading import reference, without_shim
+from helpers.models import input_ids, logits, save_tiny_llama, tiny_llama_config
 from sdpa_shim._core.policy import FLASH_PATH
 
 TRANSFORMERS = Version(transformers.__version__)

@@ -9,7 +9,8 @@
   cache (torch comes from the local wheel).
 * A missing or wrong torch is named by nox in one line, with the command that fixes it.
 
-Release independent: runs in the newest session only (``noxfile.RELEASE_INDEPENDENT``).
+Release independent: runs in the newest session only (``noxfile.RELEASE_INDEPENDENT``). The tests that run
+pip against the package index are marked ``network`` (skipped when it cannot be reached: tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -27,33 +28,17 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from helpers import ROOT
+from helpers.installs import EXPECT_TORCH_SITE, user_shell_env
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 TORCH = "2.13.0"
 #: The README's test command (.ci/run reads it with the same pattern and runs it verbatim).
 README_COMMAND = re.compile(r"^python -m pip install torch==[0-9.]+ nox && python -m nox$", re.MULTILINE)
-#: Set by test_readme_test_command_in_a_fresh_venv for the one test it runs inside nox.
-EXPECT_TORCH_SITE = "SDPA_SHIM_EXPECT_TORCH_SITE"
 STARTUP_FILES = ("sdpa_shim.pth", "sdpa_shim.start", "_sdpa_shim_startup.py")
 #: Not copied from the checkout: VCS data, environments, build outputs, caches.
 SKIPPED = (".git", ".nox", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis")
-
-
-def clean_env(**overrides: str) -> dict[str, str]:
-    """The environment a user's shell would have: none of this session venv, PYTHONPATH or the shim's
-    variables (nox puts its session venv first on PATH and sets VIRTUAL_ENV)."""
-    session_bin = str(Path(sys.prefix, "bin"))
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", EXPECT_TORCH_SITE)
-        and not key.startswith("SDPA_SHIM")
-    }
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != session_bin)
-    env.update(HF_HUB_OFFLINE="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
-    env.update(overrides)
-    return env
 
 
 def base_python() -> str:
@@ -67,13 +52,13 @@ def base_python() -> str:
 
 def fresh_venv(path: Path) -> Path:
     """``python3 -m venv PATH`` (with pip, without system site-packages); returns its python."""
-    subprocess.run([base_python(), "-m", "venv", str(path)], check=True, env=clean_env(), timeout=120)
+    subprocess.run([base_python(), "-m", "venv", str(path)], check=True, env=user_shell_env(), timeout=120)
     return path / "bin" / "python"
 
 
 def purelib(python: Path) -> Path:
     code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    return Path(subprocess.check_output([str(python), "-c", code], text=True, env=clean_env()).strip())
+    return Path(subprocess.check_output([str(python), "-c", code], text=True, env=user_shell_env()).strip())
 
 
 def run(args: list[str], env: dict[str, str], cwd: Path | None = None, timeout: float = 300):
@@ -98,7 +83,8 @@ def dists(tmp_path_factory) -> tuple[Path, Path]:
     out = base / "dist"
     # --no-isolation: offline, with the session's setuptools (pyproject's build requirements)
     result = run(
-        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(project)], clean_env()
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(project)],
+        user_shell_env(),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     (sdist,) = out.glob("sdpa_shim-*.tar.gz")
@@ -108,7 +94,7 @@ def dists(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_twine_check_accepts_the_sdist_and_the_wheel(dists):
     pytest.importorskip("twine", reason="twine (installed in the newest nox session)")
-    result = run([sys.executable, "-m", "twine", "check", "--strict", *map(str, dists)], clean_env())
+    result = run([sys.executable, "-m", "twine", "check", "--strict", *map(str, dists)], user_shell_env())
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("PASSED") == 2, result.stdout
 
@@ -169,9 +155,10 @@ def bare_venv(tmp_path_factory) -> Path:
     return fresh_venv(tmp_path_factory.mktemp("bare") / "venv")
 
 
+@pytest.mark.network  # pip install from the package index
 def test_wheel_installs_and_works_in_a_fresh_venv(dists, bare_venv):
     _, wheel = dists
-    install = run([str(bare_venv), "-m", "pip", "install", "-q", str(wheel)], clean_env())
+    install = run([str(bare_venv), "-m", "pip", "install", "-q", str(wheel)], user_shell_env())
     assert install.returncode == 0, install.stdout + install.stderr
     site_packages = purelib(bare_venv)
     for name in STARTUP_FILES[:2]:
@@ -180,11 +167,11 @@ def test_wheel_installs_and_works_in_a_fresh_venv(dists, bare_venv):
         "import sys; m = sys.modules.get('sdpa_shim'); "
         "print(m is not None, m is not None and m.is_active(), 'torch' in sys.modules)"
     )
-    on = run([str(bare_venv), "-c", probe], clean_env(SDPA_SHIM="1"))
+    on = run([str(bare_venv), "-c", probe], user_shell_env(SDPA_SHIM="1"))
     assert (on.returncode, on.stdout.split(), on.stderr) == (0, ["True", "True", "False"], "")
-    off = run([str(bare_venv), "-c", probe], clean_env())
+    off = run([str(bare_venv), "-c", probe], user_shell_env())
     assert (off.returncode, off.stdout.split(), off.stderr) == (0, ["False", "False", "False"], "")
-    cli = run([str(bare_venv.parent / "sdpa-shim"), "--help"], clean_env())
+    cli = run([str(bare_venv.parent / "sdpa-shim"), "--help"], user_shell_env())
     assert cli.returncode == 0, cli.stderr
     assert "doctor" in cli.stdout
 
@@ -198,15 +185,16 @@ def test_readme_has_the_test_command():
     assert "README.md" in (ROOT / ".ci" / "run").read_text()  # CI runs the command read from there
 
 
+@pytest.mark.network  # pip install from the package index
 def test_noxfile_names_a_missing_or_wrong_torch_in_one_line(bare_venv, tmp_path):
     """Before any session creates or installs anything: one line, and the command that fixes it."""
-    install = run([str(bare_venv), "-m", "pip", "install", "-q", "nox"], clean_env())
+    install = run([str(bare_venv), "-m", "pip", "install", "-q", "nox"], user_shell_env())
     assert install.returncode == 0, install.stdout + install.stderr
     envdir = tmp_path / "nox-envs"
     nox = [str(bare_venv), "-m", "nox", "-f", str(ROOT / "noxfile.py"), "--envdir", str(envdir)]
     fix = f"run: {bare_venv} -m pip install torch=={TORCH}"
 
-    missing = run([*nox, "-s", "newest"], clean_env())
+    missing = run([*nox, "-s", "newest"], user_shell_env())
     assert missing.returncode != 0
     assert missing.stderr.strip().splitlines() == [missing.stderr.strip()]
     assert "torch is not installed" in missing.stderr and missing.stderr.strip().endswith(fix)
@@ -219,7 +207,7 @@ def test_noxfile_names_a_missing_or_wrong_torch_in_one_line(bare_venv, tmp_path)
         "Metadata-Version: 2.1\nName: torch\nVersion: 2.5.1\n"
     )
     try:
-        wrong = run([*nox, "-s", "newest"], clean_env())
+        wrong = run([*nox, "-s", "newest"], user_shell_env())
     finally:
         shutil.rmtree(site_packages / "torch")
         shutil.rmtree(site_packages / "torch-2.5.1.dist-info")
@@ -227,11 +215,12 @@ def test_noxfile_names_a_missing_or_wrong_torch_in_one_line(bare_venv, tmp_path)
     assert wrong.stderr.strip().splitlines() == [wrong.stderr.strip()]
     assert "torch 2.5.1 is installed" in wrong.stderr and wrong.stderr.strip().endswith(fix)
 
-    listing = run([*nox, "-l"], clean_env())  # listing sessions needs no torch
+    listing = run([*nox, "-l"], user_shell_env())  # listing sessions needs no torch
     assert listing.returncode == 0, listing.stderr
     assert not envdir.exists()
 
 
+@pytest.mark.network  # pip install from the package index
 def test_readme_test_command_in_a_fresh_venv(tmp_path, capsys):
     """``python3 -m venv``, activate, then the README's command with ``-s newest -- ONE_TEST``."""
     command = README_COMMAND.search((ROOT / "README.md").read_text()).group()
@@ -240,8 +229,8 @@ def test_readme_test_command_in_a_fresh_venv(tmp_path, capsys):
     venv = tmp_path / "venv"
     python = fresh_venv(venv)
     torch_site = purelib(python)
-    inner = "tests/test_install.py::test_nox_session_runs_on_the_venvs_torch"
-    env = clean_env(VIRTUAL_ENV=str(venv), **{EXPECT_TORCH_SITE: str(torch_site)})
+    inner = "tests/end_to_end/test_install.py::test_nox_session_runs_on_the_venvs_torch"
+    env = user_shell_env(VIRTUAL_ENV=str(venv), **{EXPECT_TORCH_SITE: str(torch_site)})
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"  # what `source venv/bin/activate` does
     result = run(["bash", "-c", f"{command} -s newest -- {inner}"], env, cwd=project, timeout=600)
     output = result.stdout + result.stderr

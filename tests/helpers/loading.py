@@ -1,6 +1,6 @@
 """The ways a flash request reaches transformers, and the assertions every entry-point test makes.
 
-Shared by test_entry_points.py (4.54+) and test_legacy_bands.py (4.36-4.53).
+Shared by tests/integration/test_entry_points.py (4.54+), test_legacy_bands.py (4.36-4.53) and others.
 """
 
 from __future__ import annotations
@@ -14,15 +14,7 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import sdpa_shim
-from sdpa_shim._core.policy import FLASH_PATH
-
-TRANSFORMERS = Version(transformers.__version__)
-#: From 4.56 a flash request flash-attn cannot serve keeps transformers' flash path on PyTorch kernels
-#: (tests/test_flash_paths.py); before, it is downgraded to sdpa.
-SERVES_FLASH_PATH = Version("4.56") <= TRANSFORMERS
-#: What the config of a model with flash and SDPA support reads after a flash request, and the decision.
-EXPECTED_IMPLEMENTATION = "flash_attention_2" if SERVES_FLASH_PATH else "sdpa"
-EXPECTED_CHOSEN = FLASH_PATH if SERVES_FLASH_PATH else "sdpa"
+from helpers.expect import TRANSFORMERS
 
 
 def without_shim(build):
@@ -55,7 +47,7 @@ def load_auto(directory):
 
 
 #: The config.json keys a release reads a request from (read in each release's configuration_utils.py;
-#: tests/test_config_json_keys.py checks both on every release of the matrix):
+#: tests/integration/test_config_json_keys.py checks both on every release of the matrix):
 #: - ``"_attn_implementation"`` (private) reaches ``PretrainedConfig.__init__``'s setattr loop on 4.36-5.24;
 #:   5.25 lists it in ``ignored_keys`` ("hub configs should use the public field"): it does nothing there.
 #: - ``"attn_implementation"`` (public) is an ``__init__`` argument on every release, but ``from_dict`` on

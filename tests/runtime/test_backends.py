@@ -14,8 +14,8 @@ import torch
 import transformers
 from transformers import LlamaForCausalLM
 
-import sdpa_shim
-from models import input_ids, logits, tiny_llama_config
+from helpers.loading import without_shim
+from helpers.models import input_ids, logits, tiny_llama_config
 from sdpa_shim._runtime import backends as _backends
 
 #: The policy applies to models downgraded to sdpa (default before 4.56, SDPA_SHIM_FALLBACK=sdpa after).
@@ -286,11 +286,9 @@ def test_compiling_uses_sdpa_kernel_and_no_shape_memory(monkeypatch):
 def downgraded_and_reference():
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(tiny_llama_config(), attn_implementation="flash_attention_2")
-    sdpa_shim.deactivate()
-    try:
-        reference = LlamaForCausalLM._from_config(tiny_llama_config(), attn_implementation="sdpa")
-    finally:
-        sdpa_shim.activate()
+    reference = without_shim(
+        lambda: LlamaForCausalLM._from_config(tiny_llama_config(), attn_implementation="sdpa")
+    )
     reference.load_state_dict(model.state_dict())
     assert model.config._attn_implementation == "sdpa"
     return model.eval(), reference.eval()
