@@ -175,14 +175,10 @@ def test_without_the_shim_transformers_reaches_for_a_hub_kernel() -> None:
 @pytest.mark.skipif(
     Version("5.25") > TRANSFORMERS, reason="the kernels fallback is installed (a dependency) from 5.25"
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: a model the shim downgraded to sdpa (SDPA_SHIM_FALLBACK=sdpa), in bf16, is still asked by "
-    "continuous batching's automatic switch to flash, whose is_flash_attn_3/2_available(kernels_fallback_ok=True) "
-    "calls kernels.get_kernel for vllm-flash-attn3 and flash-attn2; remove this mark when the shim answers it",
-)
 def test_sdpa_downgrade_generate_batch_never_reaches_the_hub() -> None:
-    """The sdpa downgrade (not the default, which serves the flash path) under the same observation."""
+    """The sdpa downgrade (not the default, which serves the flash path) under the same observation:
+    continuous batching's automatic switch to flash (``is_flash_attn_3/2_available(kernels_fallback_ok=True)``,
+    which calls ``kernels.get_kernel``) is off for a model the shim downgraded."""
     code = f"USE_SHIM = True\nDTYPE = 'bfloat16'\nGENERATE_BATCH = True\n{SCRIPT}"
     result = run_python(code, timeout=240, HF_HUB_OFFLINE="1", SDPA_SHIM_FALLBACK="sdpa")
     assert result.returncode == 0, result.stderr[-3000:]
