@@ -11,6 +11,8 @@ MODELING_UTILS = "transformers.modeling_utils"
 DYNAMIC_MODULE_UTILS = "transformers.dynamic_module_utils"
 IMPORT_UTILS = "transformers.utils.import_utils"
 FLASH_UTILS = "transformers.modeling_flash_attention_utils"
+#: Continuous batching (5.x): its set-up and its automatic switch to flash attention.
+CONTINUOUS_API = "transformers.generation.continuous_batching.continuous_api"
 
 #: The implementation the shim serves, and what a model kept on transformers' flash path reads.
 FLASH_ATTENTION_2 = "flash_attention_2"

@@ -47,7 +47,6 @@ FIRST_RELEASE = (4, 56)
 #: under an availability check; if the module uses one it lacks, its flash path cannot be served.
 _IMPORT_TIME_FLASH_NAMES = ("_flash_attention_forward", "flash_attn_func", "flash_attn_varlen_func")
 
-CONTINUOUS_API = "transformers.generation.continuous_batching.continuous_api"
 _loaded_ok = False  # transformers holds its flash kernels (the stand-in's, or flash-attn's own)
 
 
@@ -63,7 +62,14 @@ def install(module: ModuleType | None = None) -> None:
             return
         if ledger.wrap(module, FUNCTION, _lazy_imports, UNIT) is not None:
             logging.getLogger(MODULE).addFilter(_quiet_no_op_cast)
-        api = sys.modules.get(CONTINUOUS_API)
+    except Exception as error:
+        _faults.report(f"wrapping {MODULE}.{FUNCTION}", error, "models keep the plain sdpa downgrade")
+
+
+def install_continuous_batching(api: ModuleType) -> None:
+    """Continuous batching's set-up (CUDA graphs for served models) and its switch to flash attention
+    (never to a Hub kernel for a model the shim downgraded), wrapped when its module is imported."""
+    try:
         owner = getattr(api, "ContinuousMixin", None)
         if owner is not None and "init_continuous_batching" in vars(owner):
             ledger.wrap(owner, "init_continuous_batching", _init_continuous_batching, UNIT)
@@ -71,7 +77,7 @@ def install(module: ModuleType | None = None) -> None:
         if manager is not None and "switch_to_cb_friendly_attn" in vars(manager):
             ledger.wrap(manager, "switch_to_cb_friendly_attn", _no_switch_to_hub_flash, UNIT)
     except Exception as error:
-        _faults.report(f"wrapping {MODULE}.{FUNCTION}", error, "models keep the plain sdpa downgrade")
+        _faults.report("wrapping continuous batching's set-up", error, "it runs as without the shim")
 
 
 def uninstall() -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import NamedTuple
 
-from .._core.names import DYNAMIC_MODULE_UTILS, FLASH_UTILS, IMPORT_UTILS, MODELING_UTILS
+from .._core.names import CONTINUOUS_API, DYNAMIC_MODULE_UTILS, FLASH_UTILS, IMPORT_UTILS, MODELING_UTILS
 from .._core.versions import transformers_release
 
 Release = tuple[int, int]
@@ -66,6 +66,12 @@ def _flash_path(module: ModuleType) -> None:
     flash_paths.install()
 
 
+def _continuous_batching(module: ModuleType) -> None:
+    from . import flash_paths
+
+    flash_paths.install_continuous_batching(module)
+
+
 def _remote_code(module: ModuleType) -> None:
     from . import remote_code
 
@@ -86,6 +92,14 @@ UNITS: tuple[Unit, ...] = (
         "transformers is left unchanged",
     ),
     Unit("flash path", MODELING_UTILS, (4, 56), None, _flash_path, "models keep the plain sdpa downgrade"),
+    Unit(
+        "flash path",
+        CONTINUOUS_API,
+        (4, 56),
+        None,
+        _continuous_batching,
+        "continuous batching runs as without the shim",
+    ),
     Unit(
         "remote code",
         DYNAMIC_MODULE_UTILS,
