@@ -98,6 +98,7 @@ RELEASE_INDEPENDENT = (
     "tests/core/test_policy.py",
     "tests/standin/test_standin.py",
     "tests/runtime/test_varlen_engine.py",
+    "tests/runtime/test_flex_route.py",
     "tests/surfaces/test_cli.py",
     "tests/surfaces/test_startup.py",
     "tests/end_to_end/test_launchers.py",

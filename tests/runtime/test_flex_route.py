@@ -236,6 +236,7 @@ def test_refuses_what_flex_cannot_give(change, expect):
 def test_refuses_cross_bounds_shapes_and_devices(monkeypatch):
     q, k, v, *_ = packed([4, 4], 0, 0, 4, 2)
     assert "cross" in flex.flex_refusal(q, k, v, options(), False)
+    assert "key rows" in flex.flex_refusal(q, k[:7], v[:7], options(), True)
     assert "head dims" in flex.flex_refusal(q[..., :12], k[..., :12], v[..., :12], options(), True)
     assert "head dims" in flex.flex_refusal(q, k, v[..., :8], options(), True)
     assert "fp16/bf16" in flex.flex_refusal(q, k, v.double(), options(), True)
