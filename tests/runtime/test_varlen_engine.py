@@ -523,3 +523,29 @@ def test_invalid_inputs_raise():
         varlen_attention(q, k, v, torch.tensor([0, 9]), torch.tensor([0, 4]), 9, 4)
     with pytest.raises(ValueError, match="seqused_k"):
         varlen_attention(q, k, v, torch.tensor([0, 4]), None, 4, 4)
+
+
+def test_flex_is_chosen_for_many_short_documents_only(monkeypatch):
+    """The engine takes the flex route for a packed self-attention row of many short documents (when
+    enabled; CPU runs flex eagerly for tests) and the other routes otherwise or when flex is missing."""
+    from sdpa_shim._runtime import flex
+
+    monkeypatch.setattr(flex, "allow_cpu", True)
+    short = [10] * 40
+    q, k, v = _inputs(short, short)
+    cu = torch.tensor(_cu(short), dtype=torch.int32)
+    assert route_for(q, k, v, cu, cu, 10, 10, causal=True) != "flex"  # off by default
+    monkeypatch.setattr(varlen, "FLEX_UP_TO_MEAN_LENGTH", 64)
+    assert route_for(q, k, v, cu, cu, 10, 10, causal=True) == "flex"
+    with torch.no_grad():
+        out = varlen_attention(q, k, v, cu, cu, 10, 10, causal=True)
+    torch.testing.assert_close(
+        out.double(), reference(q, k, v, _cu(short), _cu(short), causal=True)[0], **FP32
+    )
+    few, long = [10] * 8, [100] * 40
+    for lens in (few, long):
+        qq, kk, vv = _inputs(lens, lens)
+        cc = torch.tensor(_cu(lens), dtype=torch.int32)
+        assert route_for(qq, kk, vv, cc, cc, max(lens), max(lens), causal=True) != "flex"
+    monkeypatch.setattr(flex, "_flex_module", lambda: None)  # a torch without flex_attention
+    assert route_for(q, k, v, cu, cu, 10, 10, causal=True) == "uniform_sdpa"

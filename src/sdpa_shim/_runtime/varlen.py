@@ -51,9 +51,13 @@ log = logging.getLogger(__name__)
 ROUTES = ("varlen_attn", "flex", "uniform_sdpa", "uniform_explicit", "bucketed_sdpa", "bucketed_explicit")
 #: The flex route serves packed self-attention rows of at least this many documents ...
 FLEX_FROM_DOCUMENTS = 32
-#: ... whose mean length is at most this many tokens (where flex_attention's tile skipping beats FA2's
-#: varlen kernel; measured crossover in BENCHMARKS.md). None: never flex.
-FLEX_UP_TO_MEAN_LENGTH: int | None = 64
+#: ... whose mean length is at most this many tokens (where flex_attention's tile skipping beat FA2's
+#: varlen kernel at the kernel level on an H100: 4k tokens / 64 documents and shorter). None: never flex
+#: unless pinned (``force_route("flex")``, benchmarks): off by default until the compiled route (its
+#: backward compiles inside ``loss.backward()``, where no fallback can catch it) is measured end to end
+#: on a GPU; see BENCHMARKS.md.
+FLEX_UP_TO_MEAN_LENGTH: int | None = None
+FLEX_MEASURED_CROSSOVER = 64  # the value to set once it is
 
 _HALF = (torch.float16, torch.bfloat16)
 _FORCED: list[str] = []
