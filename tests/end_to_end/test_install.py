@@ -73,13 +73,34 @@ def pyproject() -> dict:
 # --------------------------------------------------------------------------- sdist, wheel, metadata
 
 
+#: Tracked files the sdist leaves out: CI's script and VCS configuration.
+NOT_IN_SDIST = (".ci/", ".gitignore")
+
+
+def checkout_files() -> list[str] | None:
+    """The files git tracks in this checkout (as they are on disk now), or None where there is no git."""
+    try:
+        result = subprocess.run(["git", "ls-files", "-z"], capture_output=True, cwd=ROOT, timeout=60)
+    except OSError:
+        return None
+    if result.returncode != 0:
+        return None
+    return [name for name in result.stdout.decode().split("\0") if name and (ROOT / name).is_file()]
+
+
 @pytest.fixture(scope="module")
 def dists(tmp_path_factory) -> tuple[Path, Path]:
     """``python -m build``: the sdist, then the wheel built from it (so the sdist must be complete)."""
     pytest.importorskip("build", reason="python -m build (installed in the newest nox session)")
     base = tmp_path_factory.mktemp("build")
     project = base / "project"
-    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(*SKIPPED, "tests", "examples", "bench"))
+    tracked = checkout_files()
+    if tracked is None:  # not a git checkout (an unpacked sdist): everything but build outputs and caches
+        shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(*SKIPPED))
+    else:
+        for name in tracked:
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, project / name)
     out = base / "dist"
     # --no-isolation: offline, with the session's setuptools (pyproject's build requirements)
     result = run(
@@ -106,6 +127,40 @@ def test_sdist_ships_what_the_wheel_is_built_from(dists):
     expected = {"LICENSE", "README.md", "pyproject.toml", "setup.py"} | {f"src/{n}" for n in STARTUP_FILES}
     assert expected <= names
     assert "src/sdpa_shim/__init__.py" in names
+
+
+def test_sdist_is_the_checkout(dists):
+    """Complete: every tracked file (tests, their helpers and remote-code models, noxfile.py, examples, docs,
+    bench) but CI's script, and no caches."""
+    tracked = checkout_files()
+    if tracked is None:
+        pytest.skip("not a git checkout")
+    sdist, _ = dists
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    expected = {name for name in tracked if not name.startswith(NOT_IN_SDIST)}
+    assert sorted(expected - names) == []
+    assert [n for n in names if "__pycache__" in n or n.endswith(".pyc")] == []
+
+
+def test_tests_run_from_the_unpacked_sdist(dists, tmp_path):
+    """conftest, helpers and the remote-code models come along: a test file that uses them runs there."""
+    sdist, _ = dists
+    with tarfile.open(sdist) as archive:
+        if sys.version_info >= (3, 12):
+            archive.extractall(tmp_path, filter="data")
+        else:
+            archive.extractall(tmp_path)
+    (unpacked,) = tmp_path.iterdir()
+    env = {**os.environ, "PYTHONPATH": str(unpacked / "src")}
+    env = {k: v for k, v in env.items() if not k.startswith("SDPA_SHIM")}
+    result = run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/core/test_policy.py"],
+        env,
+        cwd=unpacked,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
 
 
 def test_wheel_carries_the_startup_files_and_complete_metadata(dists):
