@@ -3,8 +3,11 @@
 Run it under a launcher with the shim switched on by the environment alone:
 
     SDPA_SHIM=1 torchrun --standalone --nproc_per_node=2 examples/launcher_script.py
-    SDPA_SHIM=1 accelerate launch --num_processes 2 --cpu examples/launcher_script.py
+    SDPA_SHIM=1 accelerate launch --multi_gpu --num_processes 2 examples/launcher_script.py
     sdpa-shim run -- torchrun --standalone --nproc_per_node=2 examples/launcher_script.py
+
+(accelerate starts several local processes only through ``--multi_gpu``, torch elastic, which runs CPU
+ranks too; ``--cpu --num_processes 2`` starts one process unless mpirun is set up.)
 
 Every rank loads the model with attn_implementation="flash_attention_2"; where flash-attn cannot
 run, each rank logs the shim's one WARNING and gets SDPA. The ranks then check with an all-reduce

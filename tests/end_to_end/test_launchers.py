@@ -59,6 +59,16 @@ def test_the_script_never_imports_the_shim():
     assert "import_module" not in SCRIPT.read_text()
 
 
+def test_the_scripts_commands_are_the_readmes():
+    """The launch commands of the script's docstring are the README's (whose accelerate form the test below
+    runs: --multi_gpu starts the two processes)."""
+    pattern = re.compile(r"^ *(SDPA_SHIM=1 .*examples/launcher_script\.py)$", re.MULTILINE)
+    from_script = pattern.findall(SCRIPT.read_text())
+    assert len(from_script) == 2
+    assert from_script == pattern.findall((ROOT / "README.md").read_text())
+    assert any("accelerate launch --multi_gpu --num_processes 2 " in line for line in from_script)
+
+
 def test_torchrun_two_cpu_ranks(tmp_path_factory):
     result = launch(tmp_path_factory, ["torch.distributed.run", "--standalone", "--nproc_per_node=2"])
     check_ranks(result)

@@ -69,23 +69,39 @@ def cell(outputs: list[dict[str, str]], source_part: str) -> dict[str, str]:
     return next(o for o in outputs if source_part in o["source"])
 
 
+def private_tmp(workdir: Path) -> dict[str, str]:
+    """A temporary folder of the kernel's own, to see what the notebook leaves there."""
+    tmp = workdir / "tmp"
+    tmp.mkdir()
+    return {"TMPDIR": str(tmp)}
+
+
+def assert_cleaned_up(workdir: Path, outputs: list[dict[str, str]]) -> None:
+    """The notebook's last cell deletes the tiny model it built in the temporary folder."""
+    assert "removed " in outputs[-1]["stdout"], outputs[-1]
+    assert sorted(path.name for path in (workdir / "tmp").glob("tiny-llama-*")) == []
+
+
 def test_notebook_that_never_imports_the_shim_runs_with_sdpa_shim_1(tmp_path, tmp_path_factory):
     install = installed("wheel", tmp_path_factory)
     source = (EXAMPLES / "startup_no_import.ipynb").read_text()
     assert "import sdpa_shim" not in source and "load_ext" not in source.replace("%load_ext", "")
-    env = clean_env(SDPA_SHIM="1", JUPYTER_PLATFORM_DIRS="1")
+    env = clean_env(SDPA_SHIM="1", JUPYTER_PLATFORM_DIRS="1", **private_tmp(tmp_path))
     outputs = execute("startup_no_import.ipynb", str(install.python), env, tmp_path)
     load = cell(outputs, 'attn_implementation="flash_attention_2"')
     assert WARNING in load["stderr"]
     assert f"attention in use: {EXPECTED_IMPLEMENTATION}" in load["stdout"]
     assert "forward OK: (1, 8, 128) finite: True" in cell(outputs, "torch.no_grad")["stdout"]
-    assert "sdpa_shim loaded at kernel start: True" in outputs[-1]["stdout"]
+    assert "sdpa_shim loaded at kernel start: True" in cell(outputs, "kernel start")["stdout"]
+    assert_cleaned_up(tmp_path, outputs)
 
 
 def test_notebook_with_load_ext(tmp_path):
     import sys
 
-    env = clean_env(PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    env = clean_env(
+        PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), **private_tmp(tmp_path)
+    )
     outputs = execute("load_ext.ipynb", sys.executable, env, tmp_path)
     load = cell(outputs, 'attn_implementation="flash_attention_2")\nprint')
     assert WARNING in load["stderr"]
@@ -98,3 +114,4 @@ def test_notebook_with_load_ext(tmp_path):
     unloaded = cell(outputs, "%unload_ext sdpa_shim")
     assert "transformers without the shim:" in unloaded["stdout"]
     assert "sdpa_shim:" not in unloaded["stderr"]
+    assert_cleaned_up(tmp_path, outputs)
