@@ -1,7 +1,8 @@
 """Quickstart: load a model that asks for FlashAttention 2 on a machine where flash-attn cannot run.
 
 Builds a tiny random Llama in a temporary directory (no downloads), loads it with
-``attn_implementation="flash_attention_2"``, generates a few tokens and prints what sdpa_shim decided.
+``attn_implementation="flash_attention_2"``, generates a few tokens and prints what sdpa_shim decided
+(on transformers 4.56+: transformers' flash path on PyTorch kernels; before: a downgrade to sdpa).
 
     python examples/quickstart.py
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import sdpa_shim  # first: from here on, flash-attention requests that cannot run are downgraded
+import sdpa_shim  # first: from here on, flash-attention requests that cannot run are served by PyTorch
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM

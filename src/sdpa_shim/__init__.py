@@ -1,10 +1,12 @@
 """sdpa_shim: load and run models that ask for FlashAttention when flash-attn cannot run here.
 
 ``import sdpa_shim`` activates the shim (unless ``SDPA_SHIM=0``): from then on a flash-attention
-request that cannot be honoured is downgraded to "sdpa" (or "eager" where the model or SDPA cannot
-serve), with one WARNING saying what was asked, what was chosen and why. Requests that would work
-are never touched. Importing this module imports neither torch nor transformers, nor (until
-transformers is imported) wrapt.
+request that cannot be honoured is served on PyTorch's kernels, with one WARNING saying what was
+asked, what runs instead and why. On transformers 4.56+ the model keeps transformers' flash path (its
+config still reads "flash_attention_2") and each attention call runs on PyTorch kernels; before 4.56,
+or with ``SDPA_SHIM_FALLBACK=sdpa``, the request is downgraded to "sdpa" (or "eager" where the model or
+SDPA cannot serve). Requests that would work are never touched. Importing this module imports neither
+torch nor transformers, nor (until transformers is imported) wrapt.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ __all__ = ["Decision", "__version__", "activate", "deactivate", "decisions", "is
 
 
 def decisions() -> list[Decision]:
-    """Every distinct downgrade made so far in this process, in the order first made (see ``Decision``).
+    """Every distinct decision made so far in this process (flash path or downgrade), in the order first
+    made (see ``Decision``).
 
     Deduplicated like the WARNING: a decision made again (same model class, requested, chosen and
     reason: a second load of the same model, the sub-models of every load) is listed once, so the
@@ -46,7 +49,7 @@ def load_ipython_extension(ipython: object) -> None:
 
 
 def unload_ipython_extension(ipython: object) -> None:
-    """``%unload_ext sdpa_shim``: put transformers back as it was."""
+    """``%unload_ext sdpa_shim``: put transformers back as it was (``deactivate``)."""
     deactivate()
 
 

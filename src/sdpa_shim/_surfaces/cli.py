@@ -22,7 +22,10 @@ def build_parser(prog: str = "sdpa-shim") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Load and run Hugging Face models that ask for flash_attention_2 when flash-attn "
-        "cannot run here: the request is downgraded to sdpa (or eager) with one warning.",
+        "cannot run here, on PyTorch's kernels, with one warning saying what runs instead and why: on "
+        "transformers 4.56+ the model keeps transformers' flash path (the config still reads "
+        "flash_attention_2) and each attention call runs on PyTorch kernels; before 4.56 the request is "
+        "downgraded to sdpa (or eager).",
         epilog=f"Set {ENV_ENABLED}=1 to activate the shim in every Python process, no code change needed.",
     )
     parser.add_argument("--version", action="version", version=f"sdpa_shim {__version__}")
@@ -32,7 +35,9 @@ def build_parser(prog: str = "sdpa-shim") -> argparse.ArgumentParser:
         help="explain what flash-attn, SDPA and the shim can do on this machine",
         description="Report versions, CUDA devices, why flash-attn 2/3/4 is or is not usable, which SDPA "
         "backends work, what a flash_attention_2 request becomes now, the shim's environment variables "
-        "and whether start-up activation is installed. Exit status 1 when the shim's own set-up is broken.",
+        "and whether start-up activation is installed. Exit status 1, with a PROBLEM line, when the shim "
+        "cannot do its job here: torch or transformers missing, no model can be built, or its own set-up "
+        "broken.",
     )
     doctor.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     run = commands.add_parser(
