@@ -150,7 +150,7 @@ def _padding(mask_2d: Tensor, q_len: int, causal: bool, window: int | None, dtyp
     keep = None
     if q_len > 1:
         keep = keys[:, m - q_len :].to(dtype).view(keys.shape[0], q_len, 1, 1)
-    if not (causal or window):  # one row of keys for every query: SDPA broadcasts (B, 1, 1, M)
+    if not window and (not causal or q_len == 1):  # every query sees every key: one broadcast row
         return Padding((keys | ~keys.any(dim=-1, keepdim=True))[:, None, None, :], keep, m)
     allowed = keys[:, None, :].expand(-1, q_len, -1)
     if causal or window:
