@@ -164,9 +164,14 @@ def test_sliding_window_beyond_the_keys_takes_the_flash_code_and_matches_plain_s
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    config = MistralConfig(**TINY_LLAMA, sliding_window=4)
-    reference = MistralForCausalLM._from_config(config, attn_implementation="sdpa").eval()
-    served = MistralForCausalLM._from_config(config, attn_implementation="flash_attention_2").eval()
+    # one config object per model: a model reads its attention function from its own
+    reference = MistralForCausalLM._from_config(
+        MistralConfig(**TINY_LLAMA, sliding_window=4), attn_implementation="sdpa"
+    ).eval()
+    served = MistralForCausalLM._from_config(
+        MistralConfig(**TINY_LLAMA, sliding_window=4), attn_implementation="flash_attention_2"
+    ).eval()
+    assert reference.config._attn_implementation == "sdpa"
     served.load_state_dict(reference.state_dict())
     ids, mask = _left_padded([10, 7])
     with torch.no_grad():
@@ -180,8 +185,42 @@ def test_sliding_window_beyond_the_keys_takes_the_flash_code_and_matches_plain_s
     assert taken == {Route.PADDED_SDPA: 2}  # the window is in the mask built once per forward
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
-    assert dense_taken == {Route.FLASH_CODE: 2}  # no mask to put the window in: flash-attn's window
+    assert dense_taken == {Route.FLASH_DENSE: 2}  # no mask to put the window in: flash-attn's window
     torch.testing.assert_close(dense, dense_expected, atol=1e-5, rtol=1e-5)
+
+
+def test_softcap_generation_matches_eager_on_the_runtime_block_attention():
+    """Gemma2 (logit softcap, sliding window): SDPA cannot serve it; unpadded calls run the runtime's
+    block attention directly, padded ones transformers' flash code; the tokens are eager's."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    def config():  # one config object per model: a model reads its attention function from its own
+        return Gemma2Config(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, sliding_window=6,
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    eager = Gemma2ForCausalLM._from_config(config(), attn_implementation="eager").eval()
+    served = Gemma2ForCausalLM._from_config(config(), attn_implementation="flash_attention_2").eval()
+    assert eager.config._attn_implementation == "eager"
+    served.load_state_dict(eager.state_dict())
+    assert served.config._attn_implementation == "flash_attention_2"
+    ids = torch.randint(3, 128, (1, 9))
+    generate = dict(max_new_tokens=6, do_sample=False)
+    with torch.no_grad(), routes_taken() as taken:
+        tokens = served.generate(ids, **generate)
+    with torch.no_grad():
+        assert torch.equal(tokens, eager.generate(ids, **generate))
+        torch.testing.assert_close(served(tokens).logits, eager(tokens).logits, atol=1e-5, rtol=1e-5)
+    assert taken == {Route.FLASH_DENSE: 2 * 6}
+    batch, mask = _left_padded([9, 5])
+    with torch.no_grad(), routes_taken() as taken:
+        got = served(batch, attention_mask=mask).logits
+        expected = eager(batch, attention_mask=mask).logits
+    assert taken == {Route.FLASH_CODE: 2}
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["padded", "packed", "dense"])
@@ -257,8 +296,9 @@ def test_the_rule():
     assert _routes.choose(facts(q_len=1, padding_share=0.5)) is Route.PADDED_SDPA  # decode never unpads
     assert _routes.choose(facts(mask_covers_keys=False, padding_share=0.5)) is Route.PADDED_SDPA
     assert _routes.choose(facts(masked=False, packed_row=True)) is Route.VARLEN
-    assert _routes.choose(facts(masked=False, softcap=True)) is Route.FLASH_CODE
+    assert _routes.choose(facts(masked=False, softcap=True)) is Route.FLASH_DENSE
+    assert _routes.choose(facts(softcap=True)) is Route.FLASH_CODE  # padded softcap: the flash code unpads
     assert _routes.choose(facts(masked=False)) is Route.DENSE
     assert _routes.choose(facts(masked=False, q_len=1)) is Route.DENSE
-    assert _routes.choose(facts(masked=False, q_len=4)) is Route.FLASH_CODE  # cached keys: bottom-right
-    assert _routes.choose(facts(masked=False, windowed_without_mask=True)) is Route.FLASH_CODE
+    assert _routes.choose(facts(masked=False, q_len=4)) is Route.FLASH_DENSE  # cached keys: bottom-right
+    assert _routes.choose(facts(masked=False, windowed_without_mask=True)) is Route.FLASH_DENSE

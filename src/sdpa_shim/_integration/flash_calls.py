@@ -21,6 +21,7 @@ import torch
 from .._runtime import backends as _backends
 from .._runtime import forward_meta as _meta
 from .._runtime import routes as _routes
+from .._runtime.kernels import attention, deterministic_backward, normalize_window
 from .._runtime.varlen import varlen_attention
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ def serve(
         return _padded_varlen(module, query, key, value, attention_mask, kwargs)
     if route is _routes.Route.VARLEN:
         return _varlen(module, query, key, value, packed, kwargs)
+    if route is _routes.Route.FLASH_DENSE:
+        return _flash_dense(module, query, key, value, kwargs)
     return _backends.dispatch(flash, module, query, key, value, attention_mask, **kwargs)
 
 
@@ -150,18 +153,44 @@ def _varlen(
     batch, length = query.shape[0], query.shape[2]
     causal = _causal(module, kwargs)
     window = _window(kwargs, key.shape[2])
-    deterministic = kwargs.get("deterministic")
-    if deterministic is None:
-        deterministic = os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1"
     softcap = kwargs.get("softcap")
     q, k, v = (x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3]) for x in (query, key, value))
     out = varlen_attention(
         q, k, v, cu_q, cu_k, max_q, max_k,
         scale=kwargs.get("scaling"), causal=causal, window=(window - 1, window - 1) if window else (-1, -1),
         softcap=float(softcap or 0.0), dropout_p=float(kwargs.get("dropout") or 0.0),
-        deterministic=bool(deterministic),
+        deterministic=_deterministic(kwargs),
     )  # fmt: skip
     return out.view(batch, length, *out.shape[1:]), None
+
+
+def _flash_dense(module: Any, query: Any, key: Any, value: Any, kwargs: dict[str, Any]) -> Any:
+    """An unpadded call in flash-attn's semantics (bottom-right causal, window, softcap) on the runtime's
+    block attention, as the stand-in's ``flash_attn_func`` would run it for transformers' flash code."""
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, L, H, D), flash-attn's layout
+    window = _window(kwargs, key.shape[2])
+    left, right = normalize_window(
+        _causal(module, kwargs), (window - 1, window - 1) if window else (-1, -1), key.shape[2]
+    )
+    scale = kwargs.get("scaling")
+    options = {
+        "scale": q.shape[-1] ** -0.5 if scale is None else float(scale),
+        "left": left,
+        "right": right,
+        "dropout_p": float(kwargs.get("dropout") or 0.0),
+        "softcap": float(kwargs.get("softcap") or 0.0),
+    }
+    if _deterministic(kwargs):
+        return deterministic_backward(lambda *x: (attention(*x, **options).out,), q, k, v)[0], None
+    return attention(q, k, v, **options).out, None
+
+
+def _deterministic(kwargs: dict[str, Any]) -> bool:
+    """flash-attn's ``deterministic`` as transformers' flash code asks for it."""
+    deterministic = kwargs.get("deterministic")
+    if deterministic is None:
+        return os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1"
+    return bool(deterministic)
 
 
 def _causal(module: Any, kwargs: dict[str, Any]) -> bool:

@@ -12,6 +12,9 @@ rule are in BENCHMARKS.md ("per-call routes"):
   host work.
 - no padding, whole sequences (or one query token): ``DENSE``, transformers' SDPA function, exactly
   what plain "sdpa" runs.
+- no padding, but what SDPA's causal flag cannot say (softcap, a sliding window the keys outgrow, cached
+  keys before several queries): ``FLASH_DENSE``, the runtime's block attention in flash-attn's semantics
+  (what the stand-in's ``flash_attn_func`` runs), without transformers' flash code around it.
 - a padded batch: ``PADDED_SDPA``, transformers' SDPA function with a boolean mask built once per
   forward (what plain "sdpa" runs; a decode step over a padded cache never unpads), or, for prefill
   of fp16/bf16 on CUDA with enough padding to skip, ``PADDED_VARLEN``: tokens gathered once per
@@ -30,6 +33,7 @@ class Route(str, enum.Enum):
 
     FLASH_CODE = "flash_code"
     VARLEN = "varlen"
+    FLASH_DENSE = "flash_dense"
     DENSE = "dense"
     PADDED_SDPA = "padded_sdpa"
     PADDED_VARLEN = "padded_varlen"
@@ -69,14 +73,16 @@ def choose(facts: CallFacts) -> Route:
         return Route.FLASH_CODE
     if facts.packed_row:
         return Route.VARLEN
+    if facts.softcap and facts.masked:
+        return Route.FLASH_CODE  # SDPA has no softcap; transformers' flash code unpads
     if facts.softcap:
-        return Route.FLASH_CODE
+        return Route.FLASH_DENSE
     if facts.masked:
         if facts.mask_covers_keys and prefers_varlen_for_padding(facts):
             return Route.PADDED_VARLEN
         return Route.PADDED_SDPA
     if facts.windowed_without_mask or facts.q_len not in (1, facts.kv_len):
-        return Route.FLASH_CODE  # bottom-right causal with a cache offset, or a window: flash-attn's own
+        return Route.FLASH_DENSE  # bottom-right causal with a cache offset, or a window: flash-attn's own
     return Route.DENSE
 
 
