@@ -549,3 +549,42 @@ def test_flex_is_chosen_for_many_short_documents_only(monkeypatch):
         assert route_for(qq, kk, vv, cc, cc, max(lens), max(lens), causal=True) != "flex"
     monkeypatch.setattr(flex, "_flex_module", lambda: None)  # a torch without flex_attention
     assert route_for(q, k, v, cu, cu, 10, 10, causal=True) == "uniform_sdpa"
+
+
+def test_torch_2_15_varlen_attn_backend_flags_and_scale():
+    """torch 2.15's varlen_attn picks its kernel from SDPA's backend flags and raises "No viable backend"
+    when flash and cuDNN are both off (as the backend policy's "efficient"/"math" pins leave them), and
+    refuses ``scale <= 0``. Faked here (no CUDA kernel on a CPU box) with a stand-in of that behaviour:
+    the engine keeps varlen_attn (never the slow bucketed fallback) and restores the flags."""
+    seen, feats = _fake_varlen_attn("2.12")
+    inner = feats["varlen_attn"]
+    cuda = torch.backends.cuda
+
+    def like_2_15(*args, scale=None, **kwargs):
+        if not (cuda.flash_sdp_enabled() or cuda.cudnn_sdp_enabled()):
+            raise RuntimeError("No viable backend for varlen_attn")
+        if scale is not None and scale <= 0:
+            raise ValueError("scale must be positive")
+        return inner(*args, scale=scale, **kwargs)
+
+    feats = {**feats, "varlen_attn": like_2_15, "varlen_params": feats["varlen_params"] | {"scale"}}
+    lens = [3, 7, 5]
+    q, k, v = (x.bfloat16() for x in _inputs(lens, lens))
+    cu = torch.tensor(_cu(lens), dtype=torch.int32)
+    flags = (cuda.flash_sdp_enabled(), cuda.cudnn_sdp_enabled())
+    cuda.enable_flash_sdp(False)
+    cuda.enable_cudnn_sdp(False)
+    try:
+        with kernels.override_features(**feats), varlen.force_route("varlen_attn"):
+            out = varlen_attention(q, k, v, cu, cu, 7, 7, causal=True)
+        assert (cuda.flash_sdp_enabled(), cuda.cudnn_sdp_enabled()) == (False, False)  # restored
+    finally:
+        cuda.enable_flash_sdp(flags[0])
+        cuda.enable_cudnn_sdp(flags[1])
+    assert len(seen) == 1  # varlen_attn ran (under the flash flag), not a fallback
+    torch.testing.assert_close(out.double(), reference(q, k, v, _cu(lens), _cu(lens), causal=True)[0], **BF16)
+    with kernels.override_features(**feats):
+        assert route_for(q, k, v, cu, cu, 7, 7, causal=True, scale=0.0) == "bucketed_sdpa"
+        zero = varlen_attention(q, k, v, cu, cu, 7, 7, causal=True, scale=0.0)  # uniform weights
+    expected = reference(q, k, v, _cu(lens), _cu(lens), causal=True, scale=0.0)[0]
+    torch.testing.assert_close(zero.double(), expected, **BF16)

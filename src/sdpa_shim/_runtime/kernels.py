@@ -281,6 +281,10 @@ def _sdpa(
     """One SDPA call on transposed views; returns flash-attn layout (contiguous, as flash-attn's is)."""
     h, hk = q.shape[2], k.shape[2]
     kwargs: dict[str, object] = {}
+    # SDPA's causal flag with scale 0 gives NaN (0 * -inf); flash-attn gives uniform weights
+    if is_causal and scale == 0.0:
+        mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()
+        is_causal = False
     if h != hk:
         # enable_gqa only where a fused kernel takes it (flash: no tensor mask, half precision for
         # the lower-right bias); elsewhere SDPA would fall back to its math kernel, so repeat K/V.
