@@ -109,7 +109,13 @@ def test_padded_prefill_and_decode_take_sdpa_with_the_same_tokens_as_plain_sdpa(
     assert taken == {Route.PADDED_SDPA: 2 * 5}  # prefill and every decode step, never an unpad
 
 
-def test_right_padded_batch_matches_plain_sdpa_and_padding_rows_are_zero_like_flash_attn():
+@pytest.mark.parametrize("torch_before_2_5", [False, True])
+def test_right_padded_batch_matches_plain_sdpa_and_padding_rows_are_zero_like_flash_attn(
+    torch_before_2_5, monkeypatch
+):
+    """Padding queries come back as zeros, as flash-attn leaves them: SDPA gives 0 for a row that sees
+    no key from torch 2.5; before, the row is opened and zeroed (that path forced on this torch)."""
+    monkeypatch.setattr(forward_meta, "EMPTY_ROWS_ARE_ZERO", not torch_before_2_5)
     reference, served = _pair()
     ids, mask = _left_padded([8, 3, 6])
     mask = mask.flip(-1)

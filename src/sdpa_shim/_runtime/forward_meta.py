@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from .kernels import _torch_at_least
+
 T = TypeVar("T")
 
 #: Entries kept: a few forwards' worth (mask, positions, cu_seqlens of the model and its sub-models).
@@ -136,33 +138,40 @@ def padding(mask_2d: Tensor, q_len: int, causal: bool, window: int | None, dtype
 
     Queries are the last ``q_len`` positions (bottom-right, as flash-attn aligns them); causal and a
     sliding window of ``window`` tokens are applied in those positions, which equal flash-attn's
-    unpadded ones when each row's padding is contiguous (left or right). A query that sees no key (a
-    padding position) is opened to all keys, so no softmax row is empty, and zeroed afterwards.
+    unpadded ones when each row's padding is contiguous (left or right). Padding queries see no key:
+    SDPA gives 0 for such a row from torch 2.5 on, as flash-attn does (and skips its work); before 2.5
+    they are opened to every key (no NaN) and zeroed after the call (``keep_rows``).
     """
     key = ("padding", q_len, causal, window, dtype)
     return CACHE.get(mask_2d, key, lambda: _padding(mask_2d, q_len, causal, window, dtype))
 
 
+#: SDPA gives 0 (not NaN) for a row that sees no key, forward and backward, from torch 2.5.
+EMPTY_ROWS_ARE_ZERO = _torch_at_least(2, 5)
+
+
 def _padding(mask_2d: Tensor, q_len: int, causal: bool, window: int | None, dtype: torch.dtype) -> Padding:
     keys = mask_2d.bool()
-    m = keys.shape[-1]
-    device = keys.device
-    keep = None
-    if q_len > 1:
-        keep = keys[:, m - q_len :].to(dtype).view(keys.shape[0], q_len, 1, 1)
+    batch, m = keys.shape
+    queries = keys[:, m - q_len :]
     if not window and (not causal or q_len == 1):  # every query sees every key: one broadcast row
-        return Padding((keys | ~keys.any(dim=-1, keepdim=True))[:, None, None, :], keep, m)
-    allowed = keys[:, None, :].expand(-1, q_len, -1)
-    if causal or window:
-        cols = torch.arange(m, device=device).view(1, 1, m)
-        rows = torch.arange(m - q_len, m, device=device).view(1, q_len, 1)
-        if causal:
-            allowed = allowed & (cols <= rows)
-        if window:
-            allowed = allowed & (cols > rows - window)
-            if not causal:
-                allowed = allowed & (cols < rows + window)
+        keep = None if q_len == 1 else queries.to(dtype).view(batch, q_len, 1, 1)
+        if not EMPTY_ROWS_ARE_ZERO:
+            keys = keys | ~keys.any(dim=-1, keepdim=True)
+        return Padding(keys[:, None, None, :], keep, m)
+    allowed = keys[:, None, :] & queries[:, :, None]
+    cols = torch.arange(m, device=keys.device).view(1, 1, m)
+    rows = torch.arange(m - q_len, m, device=keys.device).view(1, q_len, 1)
+    if causal:
+        allowed = allowed & (cols <= rows)
+    if window:
+        allowed = allowed & (cols > rows - window)
+        if not causal:
+            allowed = allowed & (cols < rows + window)
+    if EMPTY_ROWS_ARE_ZERO:
+        return Padding(allowed.unsqueeze(1), None, m)
     allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    keep = queries.to(dtype).view(batch, q_len, 1, 1) if q_len > 1 else None
     return Padding(allowed.unsqueeze(1), keep, m)
 
 
