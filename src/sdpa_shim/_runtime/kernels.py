@@ -402,6 +402,20 @@ def _deterministic_algorithms(warn_only: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(was_on, warn_only=was_warn)
 
 
+@contextlib.contextmanager
+def _math_sdpa_on_cuda(inputs: Sequence[Tensor]) -> Iterator[None]:
+    """SDPA's math kernel for the forward whose graph the deterministic backward replays: the fused
+    CUDA kernels' backward accumulates dq with atomics (flash-attn's own tests saw different gradients
+    from one backward to the next on an H100), the math kernel's matmuls do not."""
+    if not any(x.is_cuda for x in inputs):
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
 class _DeterministicBackward(torch.autograd.Function):
     """Runs ``fn`` with its own autograd graph; the backward replays that graph deterministically.
 
@@ -412,7 +426,7 @@ class _DeterministicBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, fn: Callable[..., Sequence[Tensor]], *inputs: Tensor) -> tuple[Tensor, ...]:
-        with torch.enable_grad():
+        with torch.enable_grad(), _math_sdpa_on_cuda(inputs):
             leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
             outs = tuple(fn(*leaves))
         # Saved tensors, not attributes: the inner graph then lives exactly as long as the outer one
