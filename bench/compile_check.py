@@ -19,7 +19,7 @@ def main() -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sdpa_shim._integration import registry as _attention
+    from sdpa_shim._integration import marks as _attention
 
     config = LlamaConfig(
         vocab_size=512,

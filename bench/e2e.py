@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from _common import Skip, attempt, free, median_time, peak_memory, wall_time
 
-from sdpa_shim._integration import registry as _attention
+from sdpa_shim._integration import marks as _attention
 from sdpa_shim._runtime import backends as _backends
 from sdpa_shim._runtime import packed as _packed
 

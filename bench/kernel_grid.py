@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from _common import Skip, attempt, free, loop_time, median_time, wall_time
 
-from sdpa_shim._integration import registry as _attention
+from sdpa_shim._integration import marks as _attention
 from sdpa_shim._runtime import backends as _backends
 
 HIDDEN = 2048

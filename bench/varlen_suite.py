@@ -529,9 +529,9 @@ def shim_facts(model_class: str, config: Any, chosen: str) -> dict[str, Any]:
         "decisions_last_is_it": last is not None and last == match,
     }
     try:
-        from sdpa_shim._integration import registry
+        from sdpa_shim._integration import marks
 
-        facts["registry_kind"] = registry.kind_of(config)
+        facts["registry_kind"] = marks.kind_of(config)
     except Exception as exc:  # pragma: no cover - internals moved
         facts["registry_kind"] = error_text(exc)
     return facts

@@ -30,7 +30,7 @@ FAULT_POINTS = [
     "sdpa_shim._integration.resolve.model_facts",
     "sdpa_shim._integration.resolve.decide",
     "sdpa_shim._core.probe.sdpa_error",
-    "sdpa_shim._integration.registry.mark",
+    "sdpa_shim._integration.marks.mark",
     "sdpa_shim._core.decisions.record",
 ]
 

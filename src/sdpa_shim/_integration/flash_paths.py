@@ -35,7 +35,7 @@ from .._core import faults as _faults
 from .._core.detect import flash_status, version_tuple
 from .._state import is_active
 from . import ledger, remote_window
-from .registry import kind_of
+from .marks import kind_of
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from .._runtime.packed import PackedSequenceError, starts_from_positions
-from .registry import kind_of
+from .marks import kind_of
 
 
 def guard_post_init(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -4,56 +4,21 @@ From 4.48 transformers looks the attention function up per forward in ``ALL_ATTE
 by name. The shim wraps the "sdpa" and "flash_attention_2" entries: calls from models the shim did not
 take over go straight to transformers' function. Calls from models downgraded to sdpa get packed rows
 through the varlen engine and the SDPA backend policy (``_runtime``); calls from models kept on the
-flash path get the backend policy around transformers' own flash function. Models are recognised by
-the identity of their config object (``mark``), so nothing is written into the config (and nothing can
-be saved by ``save_pretrained``).
+flash path take the route each call needs (``flash_calls``). Models are recognised by the identity of
+their config object (``marks``), so nothing is written into the config (and nothing can be saved by
+``save_pretrained``).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import weakref
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from .marks import kind_of
+
 logger = logging.getLogger(__name__)
-
-_lock = threading.Lock()
-#: id(config) -> (weak reference to that config, what the shim chose: "sdpa", "eager" or "flash"), for
-#: every config of a (sub-)model the shim took over.
-_downgraded: dict[int, tuple[weakref.ref[Any], str]] = {}
-
-
-def mark(config: Any, kind: str = "sdpa") -> None:
-    """Remember that ``config`` belongs to a model the shim took over: "sdpa", "eager" or "flash" (path)."""
-    if config is None:
-        return
-    key = id(config)
-
-    def forget(_: object, key: int = key) -> None:
-        _downgraded.pop(key, None)
-
-    try:
-        reference = weakref.ref(config, forget)
-    except TypeError:  # not weak-referenceable: do not risk holding it forever
-        return
-    with _lock:
-        _downgraded[key] = (reference, kind)
-
-
-def forget(config: Any) -> None:
-    """Undo ``mark`` (a decision that could not be completed)."""
-    with _lock:
-        _downgraded.pop(id(config), None)
-
-
-def kind_of(config: Any) -> str | None:
-    """What the shim chose for the model owning ``config`` ("sdpa", "eager", "flash"), or None."""
-    entry = _downgraded.get(id(config))
-    return None if entry is None or entry[0]() is not config else entry[1]
-
 
 #: The ledger unit under which the registry entries are replaced (undone by ``deactivate``).
 UNIT = "attention entries"

@@ -19,8 +19,8 @@ from .._core import probe as _probe
 from .._core.names import MODELING_UTILS
 from .._core.policy import Decision, Kind, ModelFacts, decide, flash_implementation, served_name
 from .._core.settings import Settings, read_settings
+from . import marks as _marks
 from . import packed_guard
-from . import registry as _attention
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def choice_for(
         return None
     if config is None:
         config = getattr(model_or_class, "config", None)
-    if _attention.kind_of(config) == Kind.FLASH:  # decided and announced already (a second validation)
+    if _marks.kind_of(config) == Kind.FLASH:  # decided and announced already (a second validation)
         assert isinstance(requested, str)
         if read_settings().enabled is False:
             return None
@@ -76,13 +76,13 @@ def choice_for(
     if previewed is None:
         return None
     decision, choice = previewed
-    _attention.mark(config, decision.kind)
+    _marks.mark(config, decision.kind)
     if decision.kind is Kind.EAGER and not isinstance(model_or_class, type):  # 4.54+: the model being built
         packed_guard.refuse_packed_rows(model_or_class)
     try:
         _decisions.record(decision)  # last: a fault before it leaves no WARNING about a change never made
     except Exception:
-        _attention.forget(config)  # the call passes through unchanged: no later call may act on the mark
+        _marks.forget(config)  # the call passes through unchanged: no later call may act on the mark
         raise
     return choice
 
