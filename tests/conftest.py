@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -26,6 +27,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# Remote code is written to and imported from transformers' module cache: one per test session, so that
+# runs side by side (two releases, two checkouts) never import each other's ``transformers_modules``.
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="sdpa-shim-tests-modules-"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import sdpa_shim
