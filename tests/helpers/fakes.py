@@ -6,6 +6,7 @@ Everything else in the tests is real: real torch, real transformers, real tiny m
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import sys
 from pathlib import Path
 
@@ -76,7 +77,15 @@ def write_flash_attn_distribution(root: Path, kind: str, version: str = "2.7.4")
 
 
 def forget_flash_attn() -> None:
-    """Drop every cached trace of flash_attn so the next lookup sees the current sys.path."""
+    """Drop every cached trace of flash_attn so the next lookup sees the current sys.path, as a process
+    started now would: the modules, the import caches, and transformers' package-to-distribution map
+    (read once at its import: 5.4's ``is_flash_attn_2_available`` raises ``KeyError: 'flash_attn'`` for a
+    distribution that appeared after transformers was imported, which no real install does)."""
     for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
         del sys.modules[name]
     importlib.invalidate_caches()
+    import_utils = sys.modules.get("transformers.utils.import_utils")
+    mapping = getattr(import_utils, "PACKAGE_DISTRIBUTION_MAPPING", None)
+    if isinstance(mapping, dict):
+        mapping.clear()
+        mapping.update(importlib.metadata.packages_distributions())
