@@ -1,13 +1,13 @@
 """Attention calls of models kept on the flash path, each served by the route it needs (4.56+).
 
 ``registry`` sends every "flash_attention_2" call of a served model here. The call is described by its
-shapes and keywords (``_runtime.routes.CallFacts``), the rule picks a route, and this module runs it
-with transformers' own functions wherever they compute the answer: its SDPA function for dense and
-padded calls (what plain "sdpa" runs, with the mask built once per forward), its flash code for
-varlen work (packed rows get their ``cu_seqlens`` derived once per forward). Every route runs under
-the SDPA backend policy. The numbers equal the flash path's: padded query rows come back as zeros, as
-flash-attn leaves them.
-"""
+shapes and keywords (``_runtime.routes.CallFacts``), the rule (``routes.choose``) picks a route, and this
+module runs it: transformers' own SDPA function for dense and padded calls (what plain "sdpa" runs, with
+the padding mask built once per forward), the varlen engine directly for packed rows and given
+``cu_seqlens`` (bounds derived once per forward), the runtime's block attention for unpadded calls in
+flash-attn's own semantics (softcap, windows, cached keys), and transformers' flash code for the rest
+(continuous batching, paged caches, sinks). SDPA calls run under the backend policy. The numbers are the
+flash path's: padding query rows come back as zeros, as flash-attn leaves them."""
 
 from __future__ import annotations
 
@@ -87,7 +87,8 @@ def _route(
     if masked and attention_mask.dim() != 2:
         flash_only = True  # not a 2D padding mask: transformers' flash code says what it makes of it
     packed = None
-    given = all(kwargs.get(name) is not None for name in VARLEN_KEYS)
+    # a padding mask comes first, as in transformers' flash code (it unpads before reading the bounds)
+    given = not masked and all(kwargs.get(name) is not None for name in VARLEN_KEYS)
     if not (flash_only or masked or given) and q_len > 1 and query.shape[0] == 1:
         position_ids = kwargs.get("position_ids")
         if position_ids is not None and position_ids.shape[0] == 1:
