@@ -21,7 +21,8 @@ import torch
 from .._runtime import backends as _backends
 from .._runtime import forward_meta as _meta
 from .._runtime import routes as _routes
-from .._runtime.kernels import attention, deterministic_backward, normalize_window
+from .._runtime.determinism import deterministic_backward
+from .._runtime.kernels import attention, normalize_window
 from .._runtime.varlen import varlen_attention
 
 logger = logging.getLogger(__name__)
