@@ -50,13 +50,12 @@ log = logging.getLogger(__name__)
 ROUTES = ("varlen_attn", "flex", "uniform_sdpa", "uniform_explicit", "bucketed_sdpa", "bucketed_explicit")
 #: The flex route serves packed self-attention rows of at least this many documents ...
 FLEX_FROM_DOCUMENTS = 32
-#: ... whose mean length is at most this many tokens (where flex_attention's tile skipping beat FA2's
-#: varlen kernel at the kernel level on an H100: 4k tokens / 64 documents and shorter). None: never flex
-#: unless pinned (``force_route("flex")``, benchmarks): off by default until the compiled route (its
-#: backward compiles inside ``loss.backward()``, where no fallback can catch it) is measured end to end
-#: on a GPU; see BENCHMARKS.md.
+#: ... whose mean length is at most this many tokens. None: never flex unless pinned
+#: (``force_route("flex")``, benchmarks). Measured at the kernel level on an H100 (BENCHMARKS.md): flex
+#: beat FA2's varlen kernel 1.5-2.4x at a mean of 16 tokens and lost (0.6-0.9x) from 64 up, so 16 is the
+#: value to set; it stays off until its numbers against varlen_attn and a training step end to end are
+#: measured (its backward compiles inside ``loss.backward()``, where no fallback can catch a failure).
 FLEX_UP_TO_MEAN_LENGTH: int | None = None
-FLEX_MEASURED_CROSSOVER = 64  # the value to set once it is
 
 _HALF = (torch.float16, torch.bfloat16)
 _FORCED: list[str] = []
